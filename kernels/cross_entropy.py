@@ -1,0 +1,385 @@
+"""Softmax cross-entropy, loss and gradient, one row of logits per program.
+
+The math (one row x of V logits; z = x, or z = c * tanh(x / c) with softcap c,
+a -inf logit staying -inf):
+
+    m = max_j z_j,   d = sum_j exp(z_j - m),   lse = m + log d,   p_j = exp(z_j - lse)
+
+The target is a vector y of per-class weights, w the class weights (1 when
+absent), e the label smoothing:
+
+    class index c:       y_j = (1 - e) w_c 1{j = c} + (e / V) w_j      (y = 0 on ignored rows)
+    probabilities t:     y_j = w_j ((1 - e) t_j + e / V)
+
+    S = sum_j y_j
+    loss   = sum_j y_j (lse - z_j) + z_loss * lse^2
+    dl/dz_j = p_j (S + 2 z_loss lse) - y_j              (J^T dl/dp with J = diag(p) - p p^T)
+    dl/dx_j = dl/dz_j * (1 - (z_j / c)^2)                (softcap's chain rule)
+
+In the kernels y is split into a sparse part (the coefficient (1 - e) w_c at
+column c) and a dense part a_j (everything else); the dense part is only swept
+when there is one (label smoothing or probability targets).
+
+The loss is accumulated without cancellation: sum_j a_j (lse - z_j) is kept as
+B + A log d with A = sum_j a_j and B = sum_j a_j (m - z_j) >= 0, B rescaled
+when the running max m grows. The row's max and log d are saved separately,
+so that p_j = exp((z_j - m) - log d) stays accurate for logits of any size.
+
+Bytes per row, b = element size of the logits, for class-index targets:
+
+    forward only                     reads V b
+    fused forward (loss + gradient)  reads V b twice (the second read right after
+                                     the first, in the same program: an L2 hit),
+                                     writes V b
+    backward-time gradient           reads V b, writes V b
+    scale_grad                       nothing when the upstream gradient is 1,
+                                     else reads and writes V b
+
+plus a few scalars per row; probability targets add one read of the row of t
+per sweep, class weights with label smoothing one read of w (from L2).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import row_config
+
+
+@triton.jit
+def _load_z(row_ptr, cols, mask, stride_col, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Load a chunk of one row as fp32 and apply the softcap; masked lanes are -inf.
+
+    Returns (z, dz/dx). The softcap uses tanh(u) = sign(u) (1 - e^{-2|u|}) / (1 + e^{-2|u|}),
+    which neither overflows nor loses the sign; a -inf logit (vocabulary padding)
+    stays -inf and gets derivative 0.
+    """
+    x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=float("-inf"))
+    x = x.to(tl.float32)
+    if HAS_SOFTCAP:
+        u = x / softcap
+        e = tl.exp(-2.0 * tl.abs(u))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(u < 0.0, -t, t)
+        is_pad = x == float("-inf")
+        z = tl.where(is_pad, x, softcap * t)
+        dz = tl.where(is_pad, 0.0, 1.0 - t * t)
+    else:
+        z = x
+        dz = 1.0
+    return z, dz
+
+
+@triton.jit
+def _dense_target(t_row_ptr, weight_ptr, cols, mask, stride_t_col, label_smoothing, V,
+                  HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr):
+    """The dense part a_j of the target row for a chunk of columns (0 on masked lanes)."""
+    if PROB_TARGET:
+        t = tl.load(t_row_ptr + cols.to(tl.int64) * stride_t_col, mask=mask, other=0.0)
+        a = (1.0 - label_smoothing) * t.to(tl.float32) + label_smoothing / V
+    else:
+        a = tl.zeros(cols.shape, tl.float32) + label_smoothing / V
+    if HAS_WEIGHT:
+        a = a * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, a, 0.0)
+
+
+@triton.jit
+def _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V, ignore_index, label_smoothing,
+                   HAS_WEIGHT: tl.constexpr):
+    """(valid, c, coef_c) of a class-index row: coef_c = (1 - e) w_c, 0 when ignored.
+
+    c is clamped into [0, V) for the loads; ids out of range are refused before
+    the launch (on CPU) or by a device-side assert (on CUDA), so the clamp only
+    keeps a bad id from reading outside the row.
+    """
+    c = tl.load(target_ptr + row * stride_t_row).to(tl.int64)
+    valid = c != ignore_index
+    c = tl.where(valid & (c >= 0) & (c < V), c, 0)
+    if HAS_WEIGHT:
+        w_c = tl.load(weight_ptr + c).to(tl.float32)
+    else:
+        w_c = 1.0
+    coef_c = tl.where(valid, (1.0 - label_smoothing) * w_c, 0.0)
+    return valid, c, coef_c
+
+
+@triton.jit
+def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
+                    stride_x_col, stride_t_col, stride_g_col,
+                    V, label_smoothing, z_loss, softcap,
+                    valid, c, coef_c, m, logd, S, scale,
+                    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
+                    HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """grad_j = scale * (p_j (S + 2 z_loss lse) - y_j) [* softcap'], one sweep over the row.
+
+    An ignored row writes zeros without reading its logits (its loads are masked off).
+    """
+    lse = m + logd
+    n_read = tl.where(valid, V, 0)  # an ignored row reads nothing
+    coef_p = S
+    if HAS_Z_LOSS:
+        coef_p = S + tl.where(valid, 2.0 * z_loss * lse, 0.0)
+    for off in range(0, V, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        z, dz = _load_z(x_row_ptr, cols, cols < n_read, stride_x_col, softcap, HAS_SOFTCAP)
+        p = tl.exp((z - m) - logd)
+        g = p * coef_p
+        if PROB_TARGET or HAS_SMOOTHING:
+            g -= _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col, label_smoothing,
+                               V, HAS_WEIGHT, PROB_TARGET)
+        if not PROB_TARGET:
+            g = tl.where(cols == c, g - coef_c, g)
+        g = tl.where(valid, g * scale, 0.0)
+        if HAS_SOFTCAP:
+            g = g * dz
+        tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col, g.to(g_row_ptr.dtype.element_ty),
+                 mask=in_row)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    # pointers
+    logits_ptr,      # (N, V) fp32/bf16/fp16
+    target_ptr,      # (N,) integer class ids, or (N, V) float probabilities if PROB_TARGET
+    weight_ptr,      # (V,) class weights, read if HAS_WEIGHT
+    loss_ptr,        # (N,) fp32 out: per-row loss
+    max_ptr,         # (N,) fp32 out: per-row max m of z
+    logd_ptr,        # (N,) fp32 out: per-row log d; lse = m + log d
+    s_ptr,           # (N,) fp32 out: per-row S = sum of the target weights
+    grad_ptr,        # (N, V) logits dtype out, written if FUSE_GRAD (may alias logits)
+    grad_scale_ptr,  # () fp32: factor of the fused gradient (1 / denominator for 'mean')
+    # strides (in elements)
+    stride_x_row, stride_x_col,
+    stride_t_row, stride_t_col,
+    stride_g_row, stride_g_col,
+    # sizes
+    V,
+    # runtime scalars
+    ignore_index, label_smoothing, z_loss, softcap,
+    # constexprs
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FUSE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per-row loss, max, log d and S; with FUSE_GRAD also the row's gradient times *grad_scale."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row_ptr = logits_ptr + row * stride_x_row
+    t_row_ptr = target_ptr + row * stride_t_row
+    if PROB_TARGET:
+        valid = row >= 0  # always true: probability targets have no ignore_index
+        c = row * 0 - 1
+        coef_c = 0.0
+    else:
+        valid, c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
+                                          ignore_index, label_smoothing, HAS_WEIGHT)
+
+    n_read = tl.where(valid, V, 0)  # an ignored row reads nothing
+    m = -float("inf")
+    d = 0.0
+    A = 0.0  # sum_j a_j
+    B = 0.0  # sum_j a_j (m - z_j)
+    for off in range(0, V, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        z, dz = _load_z(x_row_ptr, cols, cols < n_read, stride_x_col, softcap, HAS_SOFTCAP)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # a row (so far) of -inf only: keep exponents finite, exp(-inf) = 0
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
+        if PROB_TARGET or HAS_SMOOTHING:
+            a = _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col, label_smoothing,
+                              V, HAS_WEIGHT, PROB_TARGET)
+            B += tl.where((m_new > m) & (A != 0.0), (m_new - m) * A, 0.0)
+            term = tl.where(z == -float("inf"), float("inf"), a * (m_new - z))
+            B += tl.sum(tl.where(a == 0.0, 0.0, term), axis=0)
+            A += tl.sum(a, axis=0)
+        m = m_new
+    logd = tl.log(d)
+    lse = m + logd
+
+    # loss = coef_c (lse - z_c) + B + A log d (+ z_loss lse^2)
+    loss = 0.0
+    if not PROB_TARGET:
+        z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, softcap, HAS_SOFTCAP)
+        loss = tl.where(valid, coef_c * ((m - z_c) + logd), 0.0)
+    if PROB_TARGET or HAS_SMOOTHING:
+        loss += tl.where(valid, B + A * logd, 0.0)
+    if HAS_Z_LOSS:
+        loss += tl.where(valid, z_loss * lse * lse, 0.0)
+    S = tl.where(valid, coef_c + A, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(max_ptr + row, m)
+    tl.store(logd_ptr + row, logd)
+    tl.store(s_ptr + row, S)
+
+    if FUSE_GRAD:
+        # the same program sweeps the row again at once: its bytes are still in L2
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+        _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, grad_ptr + row * stride_g_row,
+                        stride_x_col, stride_t_col, stride_g_col,
+                        V, label_smoothing, z_loss, softcap,
+                        valid, c, coef_c, m, logd, S, scale,
+                        HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    # pointers
+    logits_ptr,      # (N, V) fp32/bf16/fp16
+    target_ptr,      # (N,) integer class ids, or (N, V) float probabilities if PROB_TARGET
+    weight_ptr,      # (V,) class weights, read if HAS_WEIGHT
+    max_ptr,         # (N,) fp32: per-row max, from the forward
+    logd_ptr,        # (N,) fp32: per-row log d, from the forward
+    s_ptr,           # (N,) fp32: per-row S, from the forward
+    dloss_ptr,       # (N,) upstream gradient per row, or () with stride_dloss = 0
+    grad_scale_ptr,  # () fp32: reduction factor (1 / denominator for 'mean', else 1)
+    grad_ptr,        # (N, V) logits dtype out (may alias logits)
+    # strides (in elements)
+    stride_x_row, stride_x_col,
+    stride_t_row, stride_t_col,
+    stride_g_row, stride_g_col,
+    stride_dloss,
+    # sizes
+    V,
+    # runtime scalars
+    ignore_index, label_smoothing, z_loss, softcap,
+    # constexprs
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """grad = dloss[row] * grad_scale * dl/dx for one row, from the saved max, log d and S."""
+    row = tl.program_id(0).to(tl.int64)
+    if PROB_TARGET:
+        valid = row >= 0
+        c = row * 0 - 1
+        coef_c = 0.0
+    else:
+        valid, c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
+                                          ignore_index, label_smoothing, HAS_WEIGHT)
+    m = tl.load(max_ptr + row)
+    logd = tl.load(logd_ptr + row)
+    S = tl.load(s_ptr + row)
+    scale = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32) * tl.load(grad_scale_ptr)
+    _write_row_grad(logits_ptr + row * stride_x_row, target_ptr + row * stride_t_row, weight_ptr,
+                    grad_ptr + row * stride_g_row,
+                    stride_x_col, stride_t_col, stride_g_col,
+                    V, label_smoothing, z_loss, softcap,
+                    valid, c, coef_c, m, logd, S, scale,
+                    HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    grad_ptr,        # (N, V) gradient made in forward, scaled in place
+    dloss_ptr,       # () upstream gradient
+    stride_row, stride_col,
+    V,
+    BLOCK_V: tl.constexpr,
+):
+    """grad *= dloss, decided on the device: when dloss == 1 no byte of grad is touched."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(dloss_ptr).to(tl.float32)
+    if g != 1.0:
+        row_ptr = grad_ptr + row * stride_row
+        for off in range(0, V, BLOCK_V):
+            cols = off + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            ptrs = row_ptr + cols.to(tl.int64) * stride_col
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _flags(target, weight, label_smoothing, z_loss, softcap):
+    return dict(
+        HAS_WEIGHT=weight is not None,
+        PROB_TARGET=target.is_floating_point(),
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_Z_LOSS=z_loss > 0.0,
+        HAS_SOFTCAP=softcap is not None,
+    )
+
+
+def _target_strides(target):
+    if target.dim() == 2:
+        return target.stride(0), target.stride(1)
+    return target.stride(0), 0
+
+
+def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
+                      grad=None, grad_scale=None):
+    """Per-row loss, max, log d and S of 2-D logits; with ``grad``, also the fused gradient.
+
+    Preconditions (checked by the host code, not here): logits (N, V) fp32/bf16/fp16 with
+    any strides; target (N,) integer ids in [0, V) or ignore_index, or (N, V) float
+    probabilities; weight None or (V,) contiguous; all on one device; N >= 1.
+    grad: None, or an (N, V) tensor of the logits' dtype (it may be the logits themselves)
+    that receives grad_scale * dl/dx; grad_scale: () fp32 tensor on the same device.
+
+    Returns four (N,) fp32 tensors: loss, max, log d, S.
+    """
+    N, V = logits.shape
+    dev = logits.device
+    loss = torch.empty(N, dtype=torch.float32, device=dev)
+    row_max = torch.empty(N, dtype=torch.float32, device=dev)
+    row_logd = torch.empty(N, dtype=torch.float32, device=dev)
+    row_s = torch.empty(N, dtype=torch.float32, device=dev)
+    fuse = grad is not None
+    if not fuse:
+        grad = logits  # not written: FUSE_GRAD=False
+        grad_scale = row_s
+    block, num_warps = row_config(V, logits.element_size())
+    stride_t_row, stride_t_col = _target_strides(target)
+    _cross_entropy_fwd_kernel[(N,)](
+        logits, target, weight if weight is not None else row_s, loss, row_max, row_logd, row_s,
+        grad, grad_scale,
+        logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
+        grad.stride(0), grad.stride(1),
+        V,
+        ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
+        FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps,
+        **_flags(target, weight, label_smoothing, z_loss, softcap),
+    )
+    return loss, row_max, row_logd, row_s
+
+
+def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad, *,
+                      ignore_index, label_smoothing, z_loss, softcap):
+    """Write grad = dloss * grad_scale * dl/dx from the forward's saved rows.
+
+    Preconditions: as cross_entropy_fwd; row_max, row_logd, row_s the (N,) fp32 tensors it
+    returned; dloss (N,) (one upstream gradient per row) or () (one for all rows);
+    grad_scale () fp32; grad (N, V) of the logits' dtype (it may be the logits themselves).
+    """
+    N, V = logits.shape
+    block, num_warps = row_config(V, logits.element_size())
+    stride_t_row, stride_t_col = _target_strides(target)
+    stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
+    _cross_entropy_bwd_kernel[(N,)](
+        logits, target, weight if weight is not None else row_s, row_max, row_logd, row_s,
+        dloss, grad_scale, grad,
+        logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
+        grad.stride(0), grad.stride(1), stride_dloss,
+        V,
+        ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
+        BLOCK_V=block, num_warps=num_warps,
+        **_flags(target, weight, label_smoothing, z_loss, softcap),
+    )
+    return grad
+
+
+def scale_grad(grad, dloss):
+    """grad *= dloss in place, where dloss is a () tensor; free of memory traffic when it is 1.
+
+    Preconditions: grad (N, V) fp32/bf16/fp16 with N >= 1, any strides; dloss () on its device.
+    """
+    N, V = grad.shape
+    block, num_warps = row_config(V, grad.element_size())
+    _scale_grad_kernel[(N,)](grad, dloss, grad.stride(0), grad.stride(1), V,
+                             BLOCK_V=block, num_warps=num_warps)
+    return grad

@@ -1,0 +1,11 @@
+"""softmax_ce_gpu: fused softmax cross-entropy (loss and gradient) in Triton.
+
+Public API (names are a contract, see DESIGN.md section 4):
+    cross_entropy, cross_entropy_with_grad, CrossEntropyLoss
+"""
+
+from .cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
+
+__version__ = "0.1.0"
+
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "__version__"]

@@ -1,0 +1,103 @@
+"""Pure-PyTorch cross-entropy with the kernels' interface and semantics.
+
+This is the backend for tensors the Triton kernels do not take (float64, and
+CPU tensors when Triton's interpreter is off), so the library works, slowly,
+anywhere. It computes in float32, or float64 for float64 logits, with plain
+torch operations (no host synchronisation on any device), and follows the math
+of kernels/cross_entropy.py line for line, building the (N, V) target matrix y
+that the kernels never materialise.
+"""
+
+import torch
+
+
+def _acc_dtype(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _capped(logits, softcap, acc):
+    """(z, dz/dx): the softcapped logits in the accumulation dtype; -inf stays -inf."""
+    x = logits.to(acc)
+    if softcap is None:
+        return x, None
+    t = torch.tanh(x / softcap)
+    pad = x == float("-inf")
+    z = torch.where(pad, x, softcap * t)
+    dz = torch.where(pad, torch.zeros_like(t), 1.0 - t * t)
+    return z, dz
+
+
+def _target_matrix(target, weight, V, ignore_index, label_smoothing, acc):
+    """(y, valid): the (N, V) per-class target weights and the (N,) non-ignored mask."""
+    e = label_smoothing
+    w = None if weight is None else weight.to(acc)
+    if target.is_floating_point():
+        y = (1.0 - e) * target.to(acc) + e / V
+        if w is not None:
+            y = y * w
+        return y, torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+    valid = target != ignore_index
+    c = torch.where(valid, target, torch.zeros_like(target)).long().clamp(0, V - 1)
+    N = target.shape[0]
+    w_c = torch.ones(N, dtype=acc, device=target.device) if w is None else w[c]
+    y = torch.full((N, V), e / V, dtype=acc, device=target.device)
+    if w is not None:
+        y = y * w
+    y.scatter_add_(1, c[:, None], ((1.0 - e) * w_c)[:, None])
+    y = y * valid[:, None]
+    return y, valid
+
+
+def _row_stats(z):
+    m = z.amax(dim=1)
+    m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    logd = torch.log(torch.exp(z - m_ref[:, None]).sum(dim=1))
+    return m, logd
+
+
+def _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale):
+    p = torch.exp((z - m[:, None]) - logd[:, None])
+    coef_p = S + torch.where(valid, 2.0 * z_loss * (m + logd), torch.zeros_like(S))
+    g = (p * coef_p[:, None] - y) * scale[:, None]
+    g = torch.where(valid[:, None], g, torch.zeros_like(g))
+    return g if dz is None else g * dz
+
+
+def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
+                      grad=None, grad_scale=None):
+    """Same contract as softmax_ce_gpu.kernels.cross_entropy_fwd."""
+    acc = _acc_dtype(logits)
+    V = logits.shape[1]
+    z, dz = _capped(logits, softcap, acc)
+    y, valid = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
+    m, logd = _row_stats(z)
+    lse = m + logd
+    # y_j (lse - z_j), with y_j = 0 contributing nothing even where z_j = -inf
+    terms = torch.where(y == 0, torch.zeros_like(y), y * ((m[:, None] - z) + logd[:, None]))
+    loss = terms.sum(dim=1) + z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    S = y.sum(dim=1)
+    if grad is not None:
+        scale = grad_scale.to(acc).expand(logits.shape[0])
+        grad.copy_(_row_grad(z, dz, y, valid, m, logd, S, z_loss, scale))
+    f32 = torch.float32 if acc == torch.float32 else acc
+    return loss.to(f32), m.to(f32), logd.to(f32), S.to(f32)
+
+
+def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad, *,
+                      ignore_index, label_smoothing, z_loss, softcap):
+    """Same contract as softmax_ce_gpu.kernels.cross_entropy_bwd."""
+    acc = _acc_dtype(logits)
+    V = logits.shape[1]
+    z, dz = _capped(logits, softcap, acc)
+    y, valid = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
+    scale = (dloss.to(acc) * grad_scale.to(acc)).expand(logits.shape[0])
+    grad.copy_(_row_grad(z, dz, y, valid, row_max.to(acc), row_logd.to(acc), row_s.to(acc),
+                         z_loss, scale))
+    return grad
+
+
+def scale_grad(grad, dloss):
+    """Same contract as softmax_ce_gpu.kernels.scale_grad (here always a multiply)."""
+    acc = _acc_dtype(grad)
+    return grad.copy_(grad.to(acc) * dloss.to(acc))
