@@ -71,6 +71,20 @@ def _load_z(row_ptr, cols, mask, stride_col, softcap, HAS_SOFTCAP: tl.constexpr)
 
 
 @triton.jit
+def _log1p(s):
+    """log(1 + s), accurate for small s (Goldberg: log(u) * s / (u - 1) with u = 1 + s)."""
+    u = 1.0 + s
+    return tl.where(u == 1.0, s, tl.log(u) * (s / (u - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1, accurate for small x (Kahan: (u - 1) * x / log(u) with u = exp(x))."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (x / tl.log(u))))
+
+
+@triton.jit
 def _dense_target(t_row_ptr, weight_ptr, cols, mask, stride_t_col, label_smoothing, V,
                   HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr):
     """The dense part a_j of the target row for a chunk of columns (0 on masked lanes)."""
@@ -87,7 +101,7 @@ def _dense_target(t_row_ptr, weight_ptr, cols, mask, stride_t_col, label_smoothi
 @triton.jit
 def _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V, ignore_index, label_smoothing,
                    HAS_WEIGHT: tl.constexpr):
-    """(valid, c, coef_c) of a class-index row: coef_c = (1 - e) w_c, 0 when ignored.
+    """(valid, c, w_c, coef_c) of a class-index row: coef_c = (1 - e) w_c, 0 when ignored.
 
     c is clamped into [0, V) for the loads; ids out of range are refused before
     the launch (on CPU) or by a device-side assert (on CUDA), so the clamp only
@@ -101,19 +115,23 @@ def _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V, ignore_index, l
     else:
         w_c = 1.0
     coef_c = tl.where(valid, (1.0 - label_smoothing) * w_c, 0.0)
-    return valid, c, coef_c
+    return valid, c, w_c, coef_c
 
 
 @triton.jit
 def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
                     stride_x_col, stride_t_col, stride_g_col,
                     V, label_smoothing, z_loss, softcap,
-                    valid, c, coef_c, m, logd, S, scale,
+                    valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
                     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """grad_j = scale * (p_j (S + 2 z_loss lse) - y_j) [* softcap'], one sweep over the row.
 
+    The target column c of a class-index row is computed once, as a scalar:
+    p_c (S') - (1 - e) w_c - a_c = (1 - e) w_c (p_c - 1) + p_c (S' - (1 - e) w_c) - a_c
+    with p_c - 1 = expm1(z_c - lse), so that a confident prediction (p_c -> 1) keeps the
+    digits of 1 - p_c that p_c - 1 in fp32 would cancel away.
     An ignored row writes zeros without reading its logits (its loads are masked off).
     """
     lse = m + logd
@@ -121,6 +139,14 @@ def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
     coef_p = S
     if HAS_Z_LOSS:
         coef_p = S + tl.where(valid, 2.0 * z_loss * lse, 0.0)
+    if not PROB_TARGET:
+        u_c = (z_c - m) - logd
+        g_c = coef_c * _expm1(u_c) + tl.exp(u_c) * (coef_p - coef_c)
+        if HAS_SMOOTHING:
+            g_c -= label_smoothing / V * w_c
+        g_c = g_c * scale
+        if HAS_SOFTCAP:
+            g_c = g_c * dz_c
     for off in range(0, V, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         in_row = cols < V
@@ -130,11 +156,12 @@ def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
         if PROB_TARGET or HAS_SMOOTHING:
             g -= _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col, label_smoothing,
                                V, HAS_WEIGHT, PROB_TARGET)
-        if not PROB_TARGET:
-            g = tl.where(cols == c, g - coef_c, g)
-        g = tl.where(valid, g * scale, 0.0)
+        g = g * scale
         if HAS_SOFTCAP:
             g = g * dz
+        if not PROB_TARGET:
+            g = tl.where(cols == c, g_c, g)
+        g = tl.where(valid, g, 0.0)
         tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col, g.to(g_row_ptr.dtype.element_ty),
                  mask=in_row)
 
@@ -171,14 +198,17 @@ def _cross_entropy_fwd_kernel(
     if PROB_TARGET:
         valid = row >= 0  # always true: probability targets have no ignore_index
         c = row * 0 - 1
+        w_c = 0.0
         coef_c = 0.0
     else:
-        valid, c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
-                                          ignore_index, label_smoothing, HAS_WEIGHT)
+        valid, c, w_c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
+                                               ignore_index, label_smoothing, HAS_WEIGHT)
 
     n_read = tl.where(valid, V, 0)  # an ignored row reads nothing
     m = -float("inf")
-    d = 0.0
+    # s = d - 1, d = sum_j exp(z_j - m): the exp(0) = 1 of one max element is never added, so
+    # log d = log1p(s) and 1 - p_max keep their digits when the prediction is confident
+    s = -1.0
     A = 0.0  # sum_j a_j
     B = 0.0  # sum_j a_j (m - z_j)
     for off in range(0, V, BLOCK_V):
@@ -188,7 +218,14 @@ def _cross_entropy_fwd_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # a row (so far) of -inf only: keep exponents finite, exp(-inf) = 0
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref)
+        # the lanes holding the max (none while the max is -inf: NaN equals nothing)
+        is_top = z == tl.where(m_new == -float("inf"), float("nan"), m_new)
+        n_top = tl.sum(is_top.to(tl.float32), axis=0)
+        e_rest = tl.sum(tl.where(is_top, 0.0, e), axis=0)
+        # d_new = d alpha + n_top + e_rest, written for s = d - 1 with exact small integers
+        s = s * alpha + ((alpha + (n_top - 1.0)) + e_rest)
         if PROB_TARGET or HAS_SMOOTHING:
             a = _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col, label_smoothing,
                               V, HAS_WEIGHT, PROB_TARGET)
@@ -197,11 +234,13 @@ def _cross_entropy_fwd_kernel(
             B += tl.sum(tl.where(a == 0.0, 0.0, term), axis=0)
             A += tl.sum(a, axis=0)
         m = m_new
-    logd = tl.log(d)
+    logd = _log1p(s)
     lse = m + logd
 
     # loss = coef_c (lse - z_c) + B + A log d (+ z_loss lse^2)
     loss = 0.0
+    z_c = 0.0
+    dz_c = 0.0
     if not PROB_TARGET:
         z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, softcap, HAS_SOFTCAP)
         loss = tl.where(valid, coef_c * ((m - z_c) + logd), 0.0)
@@ -221,7 +260,7 @@ def _cross_entropy_fwd_kernel(
         _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, grad_ptr + row * stride_g_row,
                         stride_x_col, stride_t_col, stride_g_col,
                         V, label_smoothing, z_loss, softcap,
-                        valid, c, coef_c, m, logd, S, scale,
+                        valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
                         HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
 
 
@@ -252,22 +291,27 @@ def _cross_entropy_bwd_kernel(
 ):
     """grad = dloss[row] * grad_scale * dl/dx for one row, from the saved max, log d and S."""
     row = tl.program_id(0).to(tl.int64)
+    x_row_ptr = logits_ptr + row * stride_x_row
+    z_c = 0.0
+    dz_c = 0.0
     if PROB_TARGET:
         valid = row >= 0
         c = row * 0 - 1
+        w_c = 0.0
         coef_c = 0.0
     else:
-        valid, c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
-                                          ignore_index, label_smoothing, HAS_WEIGHT)
+        valid, c, w_c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
+                                               ignore_index, label_smoothing, HAS_WEIGHT)
+        z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, softcap, HAS_SOFTCAP)
     m = tl.load(max_ptr + row)
     logd = tl.load(logd_ptr + row)
     S = tl.load(s_ptr + row)
     scale = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32) * tl.load(grad_scale_ptr)
-    _write_row_grad(logits_ptr + row * stride_x_row, target_ptr + row * stride_t_row, weight_ptr,
+    _write_row_grad(x_row_ptr, target_ptr + row * stride_t_row, weight_ptr,
                     grad_ptr + row * stride_g_row,
                     stride_x_col, stride_t_col, stride_g_col,
                     V, label_smoothing, z_loss, softcap,
-                    valid, c, coef_c, m, logd, S, scale,
+                    valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
                     HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
 
 

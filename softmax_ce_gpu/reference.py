@@ -28,14 +28,15 @@ def _capped(logits, softcap, acc):
 
 
 def _target_matrix(target, weight, V, ignore_index, label_smoothing, acc):
-    """(y, valid): the (N, V) per-class target weights and the (N,) non-ignored mask."""
+    """(y, valid, coef_c): the (N, V) per-class target weights, the (N,) non-ignored mask
+    and, for class ids, the (N,) sparse coefficient (1 - e) w_c (None for probabilities)."""
     e = label_smoothing
     w = None if weight is None else weight.to(acc)
     if target.is_floating_point():
         y = (1.0 - e) * target.to(acc) + e / V
         if w is not None:
             y = y * w
-        return y, torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+        return y, torch.ones(target.shape[0], dtype=torch.bool, device=target.device), None
     valid = target != ignore_index
     c = torch.where(valid, target, torch.zeros_like(target)).long().clamp(0, V - 1)
     N = target.shape[0]
@@ -43,22 +44,40 @@ def _target_matrix(target, weight, V, ignore_index, label_smoothing, acc):
     y = torch.full((N, V), e / V, dtype=acc, device=target.device)
     if w is not None:
         y = y * w
-    y.scatter_add_(1, c[:, None], ((1.0 - e) * w_c)[:, None])
+    coef_c = (1.0 - e) * w_c * valid
+    y.scatter_add_(1, c[:, None], coef_c[:, None])
     y = y * valid[:, None]
-    return y, valid
+    return y, valid, coef_c
+
+
+def _ids(target):
+    return None if target.is_floating_point() else target
 
 
 def _row_stats(z):
+    """(m, log d), with log d = log1p(s) and s the sum without one max element's exp(0) = 1."""
     m = z.amax(dim=1)
     m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    logd = torch.log(torch.exp(z - m_ref[:, None]).sum(dim=1))
-    return m, logd
+    e = torch.exp(z - m_ref[:, None])
+    first_max = z.argmax(dim=1, keepdim=True)
+    s = e.scatter(1, first_max, 0.0).sum(dim=1) - (m == float("-inf")).to(e.dtype)
+    return m, torch.log1p(s)
 
 
-def _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale):
-    p = torch.exp((z - m[:, None]) - logd[:, None])
+def _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, target=None, coef_c=None):
+    """scale * (p (S + 2 z_loss lse) - y) [* dz]; class targets get column c as the kernel does."""
+    u = (z - m[:, None]) - logd[:, None]
+    p = torch.exp(u)
     coef_p = S + torch.where(valid, 2.0 * z_loss * (m + logd), torch.zeros_like(S))
-    g = (p * coef_p[:, None] - y) * scale[:, None]
+    g = p * coef_p[:, None] - y
+    if target is not None:
+        # (1 - e) w_c (p_c - 1) + p_c (S' - (1 - e) w_c) - a_c, with p_c - 1 = expm1(u_c)
+        c = torch.where(valid, target, torch.zeros_like(target)).long()[:, None]
+        u_c = u.gather(1, c)
+        a_c = y.gather(1, c) - coef_c[:, None]
+        g_c = coef_c[:, None] * torch.expm1(u_c) + p.gather(1, c) * (coef_p - coef_c)[:, None] - a_c
+        g = g.scatter(1, c, g_c)
+    g = g * scale[:, None]
     g = torch.where(valid[:, None], g, torch.zeros_like(g))
     return g if dz is None else g * dz
 
@@ -69,7 +88,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     acc = _acc_dtype(logits)
     V = logits.shape[1]
     z, dz = _capped(logits, softcap, acc)
-    y, valid = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
+    y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
     m, logd = _row_stats(z)
     lse = m + logd
     # y_j (lse - z_j), with y_j = 0 contributing nothing even where z_j = -inf
@@ -79,7 +98,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     S = y.sum(dim=1)
     if grad is not None:
         scale = grad_scale.to(acc).expand(logits.shape[0])
-        grad.copy_(_row_grad(z, dz, y, valid, m, logd, S, z_loss, scale))
+        grad.copy_(_row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, _ids(target), coef_c))
     f32 = torch.float32 if acc == torch.float32 else acc
     return loss.to(f32), m.to(f32), logd.to(f32), S.to(f32)
 
@@ -90,10 +109,10 @@ def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, g
     acc = _acc_dtype(logits)
     V = logits.shape[1]
     z, dz = _capped(logits, softcap, acc)
-    y, valid = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
+    y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
     scale = (dloss.to(acc) * grad_scale.to(acc)).expand(logits.shape[0])
     grad.copy_(_row_grad(z, dz, y, valid, row_max.to(acc), row_logd.to(acc), row_s.to(acc),
-                         z_loss, scale))
+                         z_loss, scale, _ids(target), coef_c))
     return grad
 
 

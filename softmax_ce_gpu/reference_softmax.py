@@ -1,0 +1,38 @@
+"""Pure-PyTorch softmax and log-softmax with the launchers of kernels/softmax.py.
+
+The backend for tensors the Triton kernels do not take (float64, and CPU tensors
+when Triton's interpreter is off). Same names, arguments and semantics as
+softmax_ce_gpu.kernels.softmax; it computes in float32 (float64 for float64
+input) with plain torch operations, following the kernels' math line for line,
+which is torch.softmax / torch.log_softmax and their backward.
+"""
+
+import torch
+
+
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def softmax_fwd(x, y, *, log):
+    """Same contract as softmax_ce_gpu.kernels.softmax.softmax_fwd."""
+    z = x.to(_acc_dtype(x))
+    m = z.amax(dim=1, keepdim=True)
+    # a row of -inf only: keep exponents finite; (z - m) is then NaN, as in torch
+    m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    logd = torch.log(torch.exp(z - m_ref).sum(dim=1, keepdim=True))
+    out = (z - m) - logd
+    return y.copy_(out if log else torch.exp(out))
+
+
+def softmax_bwd(y, dy, dx, *, log):
+    """Same contract as softmax_ce_gpu.kernels.softmax.softmax_bwd."""
+    acc = _acc_dtype(y)
+    yy, g = y.to(acc), dy.to(acc)
+    if log:
+        # J = I - 1 p^T:  dx = g - p sum(g)
+        out = g - torch.exp(yy) * g.sum(dim=1, keepdim=True)
+    else:
+        # J = diag(p) - p p^T:  dx = p (g - sum(g p))
+        out = yy * (g - (g * yy).sum(dim=1, keepdim=True))
+    return dx.copy_(out)
