@@ -51,25 +51,26 @@ def _batch_shape(logits):
     return (logits.shape[0],) + tuple(logits.shape[2:])
 
 
-def _reduction_scale(target, weight, opts, prob, N, device):
+def _reduction_scale(target, weight, opts, prob, N, logits):
     """(denominator, grad_scale): device tensors, no host sync.
 
     'mean' divides by the sum of the class weights of the non-ignored rows (their
     count without weights) for class ids, by N for probabilities; 0 / 0 gives NaN
     as in torch. 'sum' and 'none' use a scale of 1.
     """
-    one = torch.ones((), dtype=torch.float32, device=device)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    one = torch.ones((), dtype=acc, device=logits.device)
     if opts.reduction != "mean":
         return None, one
     if prob:
-        denom = torch.full((), float(N), dtype=torch.float32, device=device)
+        denom = torch.full((), float(N), dtype=acc, device=logits.device)
     else:
         valid = target != opts.ignore_index
         if weight is None:
-            denom = valid.sum(dtype=torch.float32)
+            denom = valid.sum(dtype=acc)
         else:
             safe = torch.where(valid, target, torch.zeros_like(target)).long()
-            denom = (weight.float()[safe] * valid).sum()
+            denom = (weight.to(acc)[safe] * valid).sum()
     return denom, one / denom
 
 
@@ -88,7 +89,7 @@ def _launch_options(opts):
 def _forward(backend, x, t, weight, opts, prob, grad):
     """Run the forward launcher; returns (loss, row stats, grad_scale). N = 0 launches nothing."""
     N = x.shape[0]
-    denom, grad_scale = _reduction_scale(t, weight, opts, prob, N, x.device)
+    denom, grad_scale = _reduction_scale(t, weight, opts, prob, N, x)
     if N == 0:
         empty = x.new_empty(0, dtype=torch.float32)
         stats = (empty, empty, empty, empty)
