@@ -4,7 +4,7 @@ Public API (names are a contract, see DESIGN.md section 4):
     cross_entropy, cross_entropy_with_grad, CrossEntropyLoss
 """
 
-from .cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
+from .loss import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
 
 __version__ = "0.1.0"
 
