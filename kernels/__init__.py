@@ -18,5 +18,7 @@ from .cross_entropy import (  # noqa: E402
     cross_entropy_fwd,
     scale_grad,
 )
+from .softmax import softmax_bwd, softmax_fwd  # noqa: E402
 
-__all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_bwd", "scale_grad"]
+__all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_bwd", "scale_grad",
+           "softmax_fwd", "softmax_bwd"]

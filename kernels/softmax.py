@@ -2,7 +2,9 @@
 
 The math (one row x of V values; y the output, g the upstream gradient dL/dy):
 
-    m = max_j x_j,   d = sum_j exp(x_j - m),   log d,   lse = m + log d
+    m = max_j x_j,   d = sum_j exp(x_j - m),   lse = m + log d
+    (d is kept as s = d - 1 and log d = log1p(s), as in kernels/cross_entropy.py, so
+    that log p_max = -log1p(s) keeps its digits for a dominant entry)
     softmax:       p_j = exp((x_j - m) - log d)
     log_softmax:   y_j = (x_j - m) - log d                     (= log p_j)
 
@@ -36,10 +38,10 @@ A row that fits one block is swept twice as well; the second sweep is then an
 L1/L2 hit of a chunk of at most 16 KiB, so the HBM traffic is the same.
 """
 
-import torch
 import triton
 import triton.language as tl
 
+from .cross_entropy import _log1p
 from .tuning import row_config
 
 
@@ -69,7 +71,9 @@ def _softmax_fwd_kernel(
     y_row_ptr = _row_start(y_ptr, row, n_inner, stride_y_outer, stride_y_inner)
 
     m = -float("inf")
-    d = 0.0
+    # s = d - 1: the exp(0) = 1 of one max element is never added, so that log d = log1p(s)
+    # keeps its digits when one entry dominates (log p_max = -log1p(s) ~ -s, not 0)
+    s = -1.0
     for off in range(0, V, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         x = tl.load(x_row_ptr + cols.to(tl.int64) * stride_x_col, mask=cols < V,
@@ -77,9 +81,15 @@ def _softmax_fwd_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # a row (so far) of -inf only: keep exponents finite, exp(-inf) = 0
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
+        alpha = tl.exp(m - m_ref)
+        # the lanes holding the max (none while the max is -inf: NaN equals nothing)
+        is_top = x == tl.where(m_new == -float("inf"), float("nan"), m_new)
+        n_top = tl.sum(is_top.to(tl.float32), axis=0)
+        e_rest = tl.sum(tl.where(is_top, 0.0, tl.exp(x - m_ref)), axis=0)
+        # d_new = d alpha + n_top + e_rest, written for s = d - 1 with exact small integers
+        s = s * alpha + ((alpha + (n_top - 1.0)) + e_rest)
         m = m_new
-    logd = tl.log(d)
+    logd = _log1p(s)
 
     # the same program sweeps the row again at once: its bytes are still in L2
     for off in range(0, V, BLOCK_V):

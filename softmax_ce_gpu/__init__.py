@@ -1,11 +1,13 @@
 """softmax_ce_gpu: fused softmax cross-entropy (loss and gradient) in Triton.
 
 Public API (names are a contract, see DESIGN.md section 4):
-    cross_entropy, cross_entropy_with_grad, CrossEntropyLoss
+    cross_entropy, cross_entropy_with_grad, CrossEntropyLoss, softmax, log_softmax
 """
 
 from .loss import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
+from .activations import log_softmax, softmax
 
 __version__ = "0.1.0"
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "__version__"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "CrossEntropyLoss", "softmax", "log_softmax",
+           "__version__"]

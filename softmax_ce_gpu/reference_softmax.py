@@ -20,7 +20,11 @@ def softmax_fwd(x, y, *, log):
     m = z.amax(dim=1, keepdim=True)
     # a row of -inf only: keep exponents finite; (z - m) is then NaN, as in torch
     m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    logd = torch.log(torch.exp(z - m_ref).sum(dim=1, keepdim=True))
+    e = torch.exp(z - m_ref)
+    # log d = log1p(s), s = d - 1 the sum without one max element's exp(0) = 1
+    first_max = z.argmax(dim=1, keepdim=True)
+    s = e.scatter(1, first_max, 0.0).sum(dim=1, keepdim=True) - (m == float("-inf")).to(e.dtype)
+    logd = torch.log1p(s)
     out = (z - m) - logd
     return y.copy_(out if log else torch.exp(out))
 

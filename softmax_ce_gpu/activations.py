@@ -1,0 +1,126 @@
+"""Public softmax and log_softmax, their autograd Function and their input checks.
+
+A call flows one way: check the inputs, view the tensor as rows (outer, V, inner)
+along ``dim``, pick the backend, run the autograd Function, which calls the
+launchers of kernels/softmax.py (or of reference_softmax.py).
+
+Any dim, without a copy where the strides allow it: x.reshape(outer, V, inner),
+with outer the product of the sizes before ``dim`` and inner of those after it,
+is a view whenever the dims before ``dim`` collapse into one stride and so do
+the dims after it. That covers every 2-D tensor with any strides (row-strided,
+column-major, column stride != 1), the last dim of any tensor whose batch dims
+collapse, and any dim of a contiguous tensor (a middle dim is swept in place
+with column stride = inner). Other layouts (e.g. the last dim of x[:, :2, :]
+for a contiguous x of shape (3, 4, V)) are copied once by reshape: one extra
+read and write of the input. The output and the input gradient are new
+contiguous tensors of the input's shape.
+
+Backward: softmax saves its output p and computes dx = p * (g - sum(g p));
+log_softmax saves its output y = log p and computes dx = g - exp(y) sum(g).
+Both are J^T g with J = diag(p) - p p^T (see kernels/softmax.py), never built.
+"""
+
+import numbers
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _backend, reference_softmax
+
+if _backend.kernels is not None:
+    from .kernels import softmax as _kernels
+else:  # triton missing: _backend.backend_for never picks the kernels then
+    _kernels = None
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_softmax_args(fn, x, dim):
+    """A floating tensor of any rank (0-d and empty included) and an int dim in its range.
+
+    Returns dim as a non-negative int; a 0-d tensor takes dim 0 or -1, like torch.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: argument 'input' must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{fn}: argument 'input' must be float16, bfloat16, float32 or float64, "
+                        f"got dtype {x.dtype}")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"{fn}: argument 'dim' must be an int, got {dim!r}")
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{fn}: argument 'dim' must be in [{-ndim}, {ndim - 1}] for input of "
+                         f"shape {tuple(x.shape)}, got {dim}")
+    return int(dim) % ndim
+
+
+def backend_for(fn, x):
+    """The module whose softmax_fwd / softmax_bwd run this call: the same rule as
+    _backend.backend_for (compiled kernels for CUDA, the interpreter for CPU when it is
+    on, else the pure-PyTorch reference)."""
+    if _backend.backend_for(fn, x) is _backend.reference:
+        return reference_softmax
+    return _kernels
+
+
+def _as_rows(x, dim):
+    """x as (outer, V, inner) along dim: a view where the strides allow, else a copy."""
+    shape = tuple(x.shape) or (1,)
+    outer, inner = 1, 1
+    for size in shape[:dim]:
+        outer *= size
+    for size in shape[dim + 1:]:
+        inner *= size
+    return x.reshape(outer, shape[dim], inner)
+
+
+class _SoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, log, fn):
+        backend = backend_for(fn, x)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if y.numel():
+            backend.softmax_fwd(x, y, log=log)
+        ctx.backend, ctx.log = backend, log
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+        if dx.numel():
+            ctx.backend.softmax_bwd(y, dy, dx, log=ctx.log)
+        return dx, None, None
+
+
+def _apply(fn, x, dim, log):
+    dim = check_softmax_args(fn, x, dim)
+    y = _SoftmaxFunction.apply(_as_rows(x, dim), log, fn)
+    return y.view(x.shape)
+
+
+def softmax(x, dim=-1):
+    """softmax along ``dim``, like torch.softmax(x, dim), with a backward that applies the
+    Jacobian diag(p) - p p^T to the upstream gradient without building it.
+
+    Args:
+        x: tensor of float16/bfloat16/float32/float64, any shape (0-d and empty included)
+            and any strides; arithmetic is fp32 (fp64 for float64).
+        dim: int (default -1), the dimension to normalise over.
+
+    Returns: a contiguous tensor of x's shape and dtype; rows of x that are all -inf give
+    NaN, as in torch.
+    """
+    return _apply("softmax", x, dim, log=False)
+
+
+def log_softmax(x, dim=-1):
+    """log_softmax along ``dim``, like torch.log_softmax(x, dim), computed as
+    (x - max) - log(sum exp(x - max)) so that it stays exact for large |x|; the backward
+    is dx = g - exp(y) * sum(g), O(V) per row.
+
+    Args and returns: as softmax; a -inf entry of a finite row gives -inf.
+    """
+    return _apply("log_softmax", x, dim, log=True)
