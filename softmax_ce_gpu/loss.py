@@ -16,8 +16,7 @@ Gradient strategy:
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _checks
-from ._backend import backend_for
+from . import _checks, _ops
 
 
 def _flatten(logits, target, prob):
@@ -81,42 +80,40 @@ def _reduce(loss_rows, denom, reduction):
     return total if reduction == "sum" else total / denom
 
 
-def _launch_options(opts):
-    return dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-                z_loss=opts.z_loss, softcap=opts.softcap)
+def _forward(x, t, weight, opts, prob, grad_into):
+    """Reduced loss, per-row stats, grad_scale and the fused gradient of 2-D inputs.
 
-
-def _forward(backend, x, t, weight, opts, prob, grad):
-    """Run the forward launcher; returns (loss, row stats, grad_scale). N = 0 launches nothing."""
-    N = x.shape[0]
-    denom, grad_scale = _reduction_scale(t, weight, opts, prob, N, x)
-    if N == 0:
-        empty = x.new_empty(0, dtype=torch.float32)
-        stats = (empty, empty, empty, empty)
+    grad_into: None (no gradient), "new" (a new tensor), "logits" (overwrite x), or a
+    tensor to write the gradient into. N = 0 launches nothing.
+    """
+    denom, grad_scale = _reduction_scale(t, weight, opts, prob, x.shape[0], x)
+    args = (weight, grad_scale, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap)
+    grad = None
+    if grad_into is None or grad_into == "new":
+        *stats, grad = _ops.cross_entropy_fwd(x, t, *args, grad_into == "new")
+    elif isinstance(grad_into, str):
+        stats = _ops.cross_entropy_fwd_inplace(x, t, *args)
+        grad = x
     else:
-        stats = backend.cross_entropy_fwd(x, t, weight, grad=grad, grad_scale=grad_scale,
-                                          **_launch_options(opts))
+        stats = _ops.cross_entropy_fwd_out(x, t, *args, grad_into)
+        grad = grad_into
     loss = _reduce(stats[0], denom, opts.reduction).to(x.dtype)
-    return loss, stats, grad_scale
+    return loss, stats, grad_scale, grad
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, weight, opts, prob, inplace_backward, fn):
-        backend = backend_for(fn, x)
         need_grad = ctx.needs_input_grad[0]
         fuse = need_grad and opts.reduction != "none"
-        grad = None
-        if fuse:
-            grad = x if inplace_backward else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        loss, (_, row_max, row_logd, row_s), grad_scale = _forward(backend, x, t, weight, opts,
-                                                                   prob, grad)
-        ctx.backend, ctx.opts, ctx.fn = backend, opts, fn
+        grad_into = ("logits" if inplace_backward else "new") if fuse else None
+        loss, (_, row_max, row_logd, row_s), grad_scale, grad = _forward(x, t, weight, opts, prob,
+                                                                         grad_into)
+        ctx.opts, ctx.fn = opts, fn
         ctx.fused, ctx.inplace, ctx.consumed = fuse, inplace_backward, False
         if fuse:
-            if inplace_backward:
-                # x now holds the gradient: any saved use of the old logits must fail loudly
-                torch.autograd.graph.increment_version(x)
+            # with inplace_backward the op declared its write into x (its version is bumped):
+            # any other saved use of the old logits fails loudly
             ctx.save_for_backward(grad)
         elif need_grad:
             ctx.save_for_backward(x, t, weight, row_max, row_logd, row_s, grad_scale)
@@ -133,16 +130,17 @@ class _CrossEntropyFunction(torch.autograd.Function):
                     "retain_graph=True")
             ctx.consumed = True
             (grad,) = ctx.saved_tensors
-            if grad.numel():
-                ctx.backend.scale_grad(grad, dloss)
+            _ops.scale_grad_(grad, dloss)
             return grad, None, None, None, None, None, None
         x, t, weight, row_max, row_logd, row_s, grad_scale = ctx.saved_tensors
-        grad = x if ctx.inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if x.shape[0]:
-            ctx.backend.cross_entropy_bwd(x, t, weight, row_max, row_logd, row_s, dloss,
-                                          grad_scale, grad, **_launch_options(ctx.opts))
+        o = ctx.opts
+        args = (x, t, weight, row_max, row_logd, row_s, dloss, grad_scale, o.ignore_index,
+                o.label_smoothing, o.z_loss, o.softcap)
         if ctx.inplace:
-            torch.autograd.graph.increment_version(x)
+            _ops.cross_entropy_bwd_inplace(*args)
+            grad = x
+        else:
+            grad = _ops.cross_entropy_bwd(*args)
         return grad, None, None, None, None, None, None
 
 
@@ -209,15 +207,17 @@ def cross_entropy_with_grad(logits, target, weight=None, ignore_index=-100, redu
                              f"{logits.device}, got {tuple(out.shape)} on {out.device}")
     with torch.no_grad():
         x, t = _flatten(logits, target, prob)
-        if out is not None and logits.dim() <= 2:
-            grad = out.unsqueeze(0) if logits.dim() == 1 else out
+        if out is None or logits.dim() > 2:
+            grad_into = "new"
+        elif out is logits:
+            grad_into = "logits"
         else:
-            grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        loss, _, _ = _forward(backend_for(fn, x), x, t, weight, opts, prob, grad)
+            grad_into = out.unsqueeze(0) if logits.dim() == 1 else out
+        loss, _, _, grad = _forward(x, t, weight, opts, prob, grad_into)
         dlogits = _unflatten_grad(grad, logits)
-        if out is not None and logits.dim() > 2:
-            dlogits = out.copy_(dlogits)
-        elif out is not None:
+        if out is not None:
+            if logits.dim() > 2:  # computed channels-last: copy into the caller's layout
+                out.copy_(dlogits)
             dlogits = out
     if opts.reduction == "none":
         loss = loss.reshape(_batch_shape(logits))

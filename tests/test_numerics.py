@@ -8,7 +8,7 @@ from helpers import TOL, assert_close, poisoned, rel_err
 from test_cross_entropy import check, make_case, reference
 
 import softmax_ce_gpu as sc
-from softmax_ce_gpu import _backend, loss as sc_loss, reference as ref_backend
+from softmax_ce_gpu import _backend, _ops as sc_ops, reference as ref_backend
 
 
 def test_sum_gradient_is_softmax_minus_onehot():
@@ -225,7 +225,7 @@ def test_default_path_never_writes_the_callers_tensors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pure_pytorch_path_matches_torch(monkeypatch, dtype):
     """The reference backend (CPU without the interpreter) has the same semantics."""
-    monkeypatch.setattr(sc_loss, "backend_for", lambda fn, logits: ref_backend)
+    monkeypatch.setattr(sc_ops, "backend_for", lambda fn, logits: ref_backend)
     for kw in (dict(weight=True, ignore=True), dict(target="prob")):
         x, t, w = make_case(5, 120, dtype, **kw)
         for reduction in ("mean", "sum", "none"):

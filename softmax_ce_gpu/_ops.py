@@ -1,0 +1,142 @@
+"""The library's operators, registered with torch.library.
+
+Each launcher step is a custom op with a fake (meta) implementation, so that
+torch.compile (fullgraph, any backend) and torch.export see an opaque,
+shape-known call instead of Python they cannot trace, and the mutations of the
+in-place variants are declared (which also bumps the version counter of the
+tensor they overwrite). Autograd lives one level up, in the autograd.Functions
+of loss.py, which torch.compile traces through; each op picks its backend
+(compiled kernels, interpreter, pure PyTorch) from the tensor it receives.
+
+Naming: `op` returns new tensors; `op_out` writes into `out`; `op_inplace`
+overwrites the logits with their gradient.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import backend_for
+
+_NS = "softmax_ce_gpu"
+
+
+def _stats_like(logits):
+    n = logits.shape[0]
+    f32 = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return tuple(logits.new_empty(n, dtype=f32) for _ in range(4))
+
+
+def _fwd(logits, target, weight, grad, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    if logits.shape[0] == 0:
+        return _stats_like(logits)
+    backend = backend_for("cross_entropy", logits)
+    return tuple(backend.cross_entropy_fwd(
+        logits, target, weight, grad=grad, grad_scale=grad_scale, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap))
+
+
+@torch.library.custom_op(f"{_NS}::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_scale: Tensor,
+                      ignore_index: int, label_smoothing: float, z_loss: float,
+                      softcap: Optional[float], with_grad: bool
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, max, log d, S) per row, and the fused gradient times grad_scale (or an empty tensor)."""
+    grad = torch.empty(logits.shape if with_grad else (0,), dtype=logits.dtype,
+                       device=logits.device)
+    stats = _fwd(logits, target, weight, grad if with_grad else None, grad_scale, ignore_index,
+                 label_smoothing, z_loss, softcap)
+    return (*stats, grad)
+
+
+@cross_entropy_fwd.register_fake
+def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+      with_grad):
+    grad = logits.new_empty(logits.shape if with_grad else (0,))
+    return (*_stats_like(logits), grad)
+
+
+@torch.library.custom_op(f"{_NS}::cross_entropy_fwd_out", mutates_args=("out",))
+def cross_entropy_fwd_out(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                          grad_scale: Tensor, ignore_index: int, label_smoothing: float,
+                          z_loss: float, softcap: Optional[float], out: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, max, log d, S) per row; the gradient times grad_scale goes into `out` (not the logits)."""
+    return _fwd(logits, target, weight, out, grad_scale, ignore_index, label_smoothing, z_loss,
+                softcap)
+
+
+@cross_entropy_fwd_out.register_fake
+def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, out):
+    return _stats_like(logits)
+
+
+@torch.library.custom_op(f"{_NS}::cross_entropy_fwd_inplace", mutates_args=("logits",))
+def cross_entropy_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                              grad_scale: Tensor, ignore_index: int, label_smoothing: float,
+                              z_loss: float, softcap: Optional[float]
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, max, log d, S) per row; the logits are overwritten by their gradient times grad_scale."""
+    return _fwd(logits, target, weight, logits, grad_scale, ignore_index, label_smoothing, z_loss,
+                softcap)
+
+
+@cross_entropy_fwd_inplace.register_fake
+def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+    return _stats_like(logits)
+
+
+def _bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad,
+         ignore_index, label_smoothing, z_loss, softcap):
+    if logits.shape[0]:
+        backend_for("cross_entropy", logits).cross_entropy_bwd(
+            logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap)
+
+
+@torch.library.custom_op(f"{_NS}::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
+                      row_logd: Tensor, row_s: Tensor, dloss: Tensor, grad_scale: Tensor,
+                      ignore_index: int, label_smoothing: float, z_loss: float,
+                      softcap: Optional[float]) -> Tensor:
+    """The gradient dloss * grad_scale * dl/dx from the forward's per-row statistics."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad, ignore_index,
+         label_smoothing, z_loss, softcap)
+    return grad
+
+
+@cross_entropy_bwd.register_fake
+def _(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, ignore_index,
+      label_smoothing, z_loss, softcap):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(f"{_NS}::cross_entropy_bwd_inplace", mutates_args=("logits",))
+def cross_entropy_bwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                              row_max: Tensor, row_logd: Tensor, row_s: Tensor, dloss: Tensor,
+                              grad_scale: Tensor, ignore_index: int, label_smoothing: float,
+                              z_loss: float, softcap: Optional[float]) -> None:
+    """As cross_entropy_bwd, overwriting the logits with the gradient."""
+    _bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, logits,
+         ignore_index, label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_bwd_inplace.register_fake
+def _(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, ignore_index,
+      label_smoothing, z_loss, softcap):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: Tensor, dloss: Tensor) -> None:
+    """grad *= dloss (a 0-d tensor), in place; touches no memory when dloss is 1 (on the device)."""
+    if grad.numel():
+        backend_for("cross_entropy", grad).scale_grad(grad, dloss)
+
+
+@scale_grad_.register_fake
+def _(grad, dloss):
+    return None
