@@ -135,9 +135,14 @@ def check_weight(fn, logits, weight, V):
 
 
 def check_class_range(fn, target, V, ignore_index):
-    """Class ids outside [0, V) that are not ignore_index: ValueError on CPU, device assert on CUDA."""
+    """Class ids outside [0, V) that are not ignore_index.
+
+    ValueError on CPU in eager mode; elsewhere (CUDA, or inside torch.compile) a
+    device-side assert, which fails the launch instead of synchronising with the host.
+    """
     bad = ((target < 0) | (target >= V)) & (target != ignore_index)
-    if target.device.type == "cuda":
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        # no host sync on a device, and nothing data-dependent in a compiled graph
         torch._assert_async(
             ~bad.any(),
             f"{fn}: a class id in 'target' is outside [0, {V}) and is not ignore_index={ignore_index}")

@@ -140,3 +140,31 @@ def scale_grad_(grad: Tensor, dloss: Tensor) -> None:
 @scale_grad_.register_fake
 def _(grad, dloss):
     return None
+
+
+@torch.library.custom_op(f"{_NS}::softmax_fwd", mutates_args=())
+def softmax_fwd(x: Tensor, log: bool) -> Tensor:
+    """softmax (log_softmax if log) along dim 1 of an (outer, V, inner) tensor, as a new tensor."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel():
+        backend_for("softmax", x).softmax_fwd(x, y, log=log)
+    return y
+
+
+@softmax_fwd.register_fake
+def _(x, log):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op(f"{_NS}::softmax_bwd", mutates_args=())
+def softmax_bwd(y: Tensor, dy: Tensor, log: bool) -> Tensor:
+    """dx = J^T dy for the forward output y, (outer, V, inner), as a new tensor."""
+    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if dx.numel():
+        backend_for("softmax", y).softmax_bwd(y, dy, dx, log=log)
+    return dx
+
+
+@softmax_bwd.register_fake
+def _(y, dy, log):
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)

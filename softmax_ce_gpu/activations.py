@@ -2,7 +2,8 @@
 
 A call flows one way: check the inputs, view the tensor as rows (outer, V, inner)
 along ``dim``, pick the backend, run the autograd Function, which calls the
-launchers of kernels/softmax.py (or of reference_softmax.py).
+launchers of kernels/softmax.py (or of reference_softmax.py) through the custom ops
+of _ops.py.
 
 Any dim, without a copy where the strides allow it: x.reshape(outer, V, inner),
 with outer the product of the sizes before ``dim`` and inner of those after it,
@@ -25,12 +26,7 @@ import numbers
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _backend, reference_softmax
-
-if _backend.kernels is not None:
-    from .kernels import softmax as _kernels
-else:  # triton missing: _backend.backend_for never picks the kernels then
-    _kernels = None
+from . import _ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -54,15 +50,6 @@ def check_softmax_args(fn, x, dim):
     return int(dim) % ndim
 
 
-def backend_for(fn, x):
-    """The module whose softmax_fwd / softmax_bwd run this call: the same rule as
-    _backend.backend_for (compiled kernels for CUDA, the interpreter for CPU when it is
-    on, else the pure-PyTorch reference)."""
-    if _backend.backend_for(fn, x) is _backend.reference:
-        return reference_softmax
-    return _kernels
-
-
 def _as_rows(x, dim):
     """x as (outer, V, inner) along dim: a view where the strides allow, else a copy."""
     shape = tuple(x.shape) or (1,)
@@ -76,12 +63,9 @@ def _as_rows(x, dim):
 
 class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, log, fn):
-        backend = backend_for(fn, x)
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if y.numel():
-            backend.softmax_fwd(x, y, log=log)
-        ctx.backend, ctx.log = backend, log
+    def forward(ctx, x, log):
+        y = _ops.softmax_fwd(x, log)
+        ctx.log = log
         ctx.save_for_backward(y)
         return y
 
@@ -89,15 +73,12 @@ class _SoftmaxFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-        if dx.numel():
-            ctx.backend.softmax_bwd(y, dy, dx, log=ctx.log)
-        return dx, None, None
+        return _ops.softmax_bwd(y, dy, ctx.log), None
 
 
 def _apply(fn, x, dim, log):
     dim = check_softmax_args(fn, x, dim)
-    y = _SoftmaxFunction.apply(_as_rows(x, dim), log, fn)
+    y = _SoftmaxFunction.apply(_as_rows(x, dim), log)
     return y.view(x.shape)
 
 

@@ -1,5 +1,6 @@
 """Pure-PyTorch cross-entropy with the kernels' interface and semantics.
 
+It holds the launchers of every op (softmax's live in reference_softmax.py).
 This is the backend for tensors the Triton kernels do not take (float64, and
 CPU tensors when Triton's interpreter is off), so the library works, slowly,
 anywhere. It computes in float32, or float64 for float64 logits, with plain
@@ -9,6 +10,8 @@ that the kernels never materialise.
 """
 
 import torch
+
+from .reference_softmax import softmax_bwd, softmax_fwd  # noqa: F401  (same module, both ops)
 
 
 def _acc_dtype(logits):

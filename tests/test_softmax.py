@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import softmax_ce_gpu
-from softmax_ce_gpu import reference_softmax
-from softmax_ce_gpu.activations import _as_rows, backend_for, log_softmax, softmax
+from softmax_ce_gpu import reference as reference_softmax
+from softmax_ce_gpu._backend import backend_for
+from softmax_ce_gpu.activations import _as_rows, log_softmax, softmax
 
 from helpers import DTYPES, assert_close, poisoned
 

@@ -1,0 +1,173 @@
+"""The public ops under torch.compile (fullgraph, no graph break), torch.export, opcheck
+and CUDA graphs.
+
+Each launch step is a torch.library custom op (softmax_ce_gpu/_ops.py) with a fake
+implementation; the autograd Functions around them are traced by dynamo.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE
+from helpers import assert_close
+
+import softmax_ce_gpu as sc
+from softmax_ce_gpu import _ops
+
+
+class TinyLM(torch.nn.Module):
+    """A linear head feeding each public op: the losses and the activations."""
+
+    def __init__(self, H=16, V=40):
+        super().__init__()
+        self.head = torch.nn.Linear(H, V)
+        self.crit = sc.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+
+    def forward(self, h, t, p):
+        logits = self.head(h)
+        out = self.crit(logits, t)
+        out = out + sc.cross_entropy(logits, t, reduction="none", ignore_index=3).sum()
+        out = out + sc.cross_entropy(self.head(h), p, reduction="sum")
+        out = out + sc.cross_entropy(self.head(h) * 1.0, t, inplace_backward=True)
+        out = out + (sc.softmax(logits, dim=-1) * p).sum()
+        out = out + (sc.log_softmax(logits, dim=0) * p).sum()
+        return out
+
+
+def _inputs(N=6, H=16, V=40):
+    h = torch.randn(N, H, device=DEVICE)
+    t = torch.randint(0, V, (N,), device=DEVICE)
+    t[1] = 3
+    p = torch.rand(N, V, device=DEVICE).softmax(1)
+    return h, t, p
+
+
+def _grads(model, fn, *args):
+    model.zero_grad(set_to_none=True)
+    out = fn(*args)
+    out.backward()
+    return out.detach(), [q.grad.clone() for q in model.parameters()]
+
+
+def test_no_graph_break():
+    model = TinyLM().to(DEVICE)
+    explained = torch._dynamo.explain(model)(*_inputs())
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_matches_eager(backend):
+    torch._dynamo.reset()
+    model = TinyLM().to(DEVICE)
+    args = _inputs()
+    ref, ref_grads = _grads(model, model, *args)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out, grads = _grads(model, compiled, *args)
+    assert_close(out, ref, torch.float32)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, torch.float32)
+
+
+def test_with_grad_compiles():
+    torch._dynamo.reset()
+    x = torch.randn(5, 30, device=DEVICE)
+    t = torch.randint(0, 30, (5,), device=DEVICE)
+
+    def f(x, t):
+        return sc.cross_entropy_with_grad(x, t, label_smoothing=0.1)
+
+    loss, grad = torch.compile(f, backend="aot_eager", fullgraph=True)(x, t)
+    ref_loss, ref_grad = f(x, t)
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(grad, ref_grad, torch.float32)
+
+
+def test_export():
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 24)
+
+        def forward(self, h, t):
+            logits = self.lin(h)
+            return sc.cross_entropy(logits, t, z_loss=1e-3), sc.log_softmax(logits)
+
+    model = Head().to(DEVICE)
+    h = torch.randn(4, 8, device=DEVICE)
+    t = torch.randint(0, 24, (4,), device=DEVICE)
+    exported = torch.export.export(model, (h, t))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert any("softmax_ce_gpu.cross_entropy_fwd" in o for o in ops), ops
+    assert any("softmax_ce_gpu.softmax_fwd" in o for o in ops), ops
+    for a, b in zip(exported.module()(h, t), model(h, t)):
+        assert_close(a, b, torch.float32)
+
+
+def _ce_args(N=5, V=37, dtype=torch.float32, prob=False):
+    x = torch.randn(N, V, device=DEVICE, dtype=dtype)
+    t = (torch.rand(N, V, device=DEVICE).softmax(1).to(dtype) if prob
+         else torch.randint(0, V, (N,), device=DEVICE))
+    w = torch.rand(V, device=DEVICE, dtype=dtype) + 0.5
+    scale = torch.tensor(0.25, device=DEVICE)
+    return x, t, w, scale
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(weight=True, label_smoothing=0.1),
+    dict(prob=True, z_loss=1e-3, softcap=5.0),
+    dict(dtype=torch.bfloat16, weight=True, z_loss=1e-3),
+], ids=["plain", "weight-smoothing", "prob-zloss-softcap", "bf16"])
+def test_opcheck_cross_entropy_ops(case):
+    case = dict(case)
+    x, t, w, scale = _ce_args(dtype=case.pop("dtype", torch.float32), prob=case.pop("prob", False))
+    w = w if case.pop("weight", False) else None
+    opts = (-100, case.get("label_smoothing", 0.0), case.get("z_loss", 0.0), case.get("softcap"))
+    for with_grad in (False, True):
+        torch.library.opcheck(_ops.cross_entropy_fwd, (x, t, w, scale, *opts, with_grad))
+    torch.library.opcheck(_ops.cross_entropy_fwd_out, (x, t, w, scale, *opts, torch.empty_like(x)))
+    torch.library.opcheck(_ops.cross_entropy_fwd_inplace, (x.clone(), t, w, scale, *opts))
+    _, row_max, row_logd, row_s, _ = _ops.cross_entropy_fwd(x, t, w, scale, *opts, False)
+    dloss = torch.rand(x.shape[0], device=DEVICE, dtype=x.dtype)
+    bwd_args = (t, w, row_max, row_logd, row_s, dloss, scale, *opts)
+    torch.library.opcheck(_ops.cross_entropy_bwd, (x, *bwd_args))
+    torch.library.opcheck(_ops.cross_entropy_bwd_inplace, (x.clone(), *bwd_args))
+    torch.library.opcheck(_ops.scale_grad_, (x.clone(), torch.tensor(0.5, device=DEVICE)))
+
+
+def test_opcheck_softmax_ops():
+    x = torch.randn(3, 50, 2, device=DEVICE)
+    for log in (False, True):
+        torch.library.opcheck(_ops.softmax_fwd, (x, log))
+        y = _ops.softmax_fwd(x, log)
+        torch.library.opcheck(_ops.softmax_bwd, (y, torch.randn_like(y), log))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (CUDA graph capture)")
+def test_cuda_graph_capture_and_replay():
+    model = TinyLM().to(DEVICE)
+    h, t, p = _inputs()
+    static = [h.clone(), t.clone(), p.clone()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up: compile the kernels outside the capture
+        for _ in range(2):
+            model.zero_grad(set_to_none=False)
+            model(*static).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        loss = model(*static)
+        loss.backward()
+    for _ in range(2):
+        new = _inputs()
+        for buf, val in zip(static, new):
+            buf.copy_(val)
+        model.zero_grad(set_to_none=False)
+        graph.replay()
+        out, grads = loss.clone(), [q.grad.clone() for q in model.parameters()]
+        ref, ref_grads = _grads(model, model, *new)
+        assert_close(out, ref, torch.float32)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, torch.float32)
