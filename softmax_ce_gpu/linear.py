@@ -1,0 +1,523 @@
+"""Fused linear + softmax cross-entropy that never holds the (N, V) logits.
+
+The math. With x (N, H) the input, W (V, H) the linear weight, b (V,) the bias:
+
+    logits = x W^T + b                       (N, V), never materialised as a whole
+    dlogits = scale * (p * S - y) [...]      the core's fused gradient (cross_entropy.py)
+    grad_input = dlogits W                   (N, H)
+    grad_W     = dlogits^T x                 (V, H)
+    grad_b     = sum over rows of dlogits    (V,)
+
+so the rows can be processed a chunk at a time: per chunk of C rows, one matmul
+gives the chunk's logits (cuBLAS, fp32 accumulation, rounded once to the input
+dtype as F.linear does), the core's forward kernel turns them into dlogits in
+the same buffer (grad=logits), and two more matmuls give that chunk's rows of
+grad_input and its contribution to grad_W (accumulated in fp32, cast once at
+the end); grad_b accumulates the chunk's column sums in fp32.
+
+Forward vs backward, per reduction:
+- 'mean' / 'sum' with a gradient needed: everything above runs in forward (the
+  mean denominator is computed on the device over all rows before the first
+  chunk, as loss.py does, and is folded into the kernel's grad_scale). The
+  backward only multiplies the three gradients by the upstream scalar, through
+  the core's scale_grad launcher (no memory traffic when it is 1, decided on the
+  device): no host sync, no .item().
+- 'none': forward runs the chunks for the loss only and keeps the per-row max,
+  log d and S (12 bytes a row); backward recomputes each chunk's logits and
+  runs the core's backward kernel with that chunk's rows of the upstream
+  gradient, then the same two matmuls.
+- no gradient needed (torch.no_grad, or no input requires grad): loss only.
+
+Memory beyond the inputs and the returned gradients: one chunk of logits
+(C x V in the input dtype, reused for dlogits), the fp32 grad_W accumulator
+(V x H x 4 bytes; for fp32 input it is the gradient itself) and grad_b's,
+O(N) scalars per row. Never N x V. When the input is fp16/bf16 the cast of the
+fp32 accumulator briefly holds both copies of grad_W. On CPU (and on a CUDA
+torch without addmm(out_dtype=)) the fp32 accumulation of a low-precision
+chunk goes through fp32 copies of the chunk's operands: C x (V + H) x 4 bytes.
+
+Default chunk size (chunk_size=None), from V, H and free memory:
+    budget = 64 MiB on CPU; on CUDA, a quarter of (free device memory + memory
+             cached by torch's allocator - the gradient buffers still to be
+             allocated, V*H*(4 + b) + N*H*b), at most 512 MiB
+    C      = budget // (V * b), b the input's element size, rounded down to a
+             multiple of 256 and clamped to [256, 2048] rows (fewer rows leave
+             the GEMMs and the row kernel under-occupied; more buy little), then
+             to N.
+At V = 128256 in bf16 that is 2048 rows (512 MiB) on a roomy GPU, against 2 GiB
+for 8192 tokens of full logits. torch.cuda.mem_get_info is a host query, not a
+stream synchronisation.
+
+Ignored rows (target == ignore_index) still go through the matmuls: skipping
+them would mean compacting the rows, which needs their count on the host (a
+sync). The cross-entropy kernel itself reads no logits of an ignored row and
+writes zeros to its dlogits, so those rows add nothing to any gradient.
+
+K-dimensional heads (linear_weight (V, d1, ..., dK, H), torch's "out_features")
+are D = d1 * ... * dK independent (V, H) heads over the same input: they run
+one after another, sharing the device-side mean denominator.
+
+Differences from torch.nn.functional.linear_cross_entropy (torch 2.13), by design:
+bad input raises TypeError/ValueError (torch: RuntimeError); no gradient flows
+to a probability target (torch's reference path gives one; ours refuses a
+target that requires grad); `options` is accepted but only its batch_chunk_size
+and allow_retain_graph apply; input may also be (..., H), flattened to rows.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _checks
+from ._backend import backend_for
+
+_FN = "linear_cross_entropy"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# default chunk rule (see the module docstring); a starting point for the GPU sweep
+_CPU_BUDGET = 64 << 20
+_MAX_CUDA_BUDGET = 512 << 20
+_ROW_STEP = 256
+_MAX_ROWS = 2048
+# row width when scaling a finished gradient in backward (one 16-32 KiB row per program)
+_SCALE_ROW = 8192
+
+# whether addmm(..., out_dtype=fp32) (cuBLAS upcast inside the GEMM) works on this torch
+_OUT_DTYPE_ADDMM = {"ok": True}
+
+
+def _default_chunk_size(N, V, H, D, element_size, device, free_bytes=None):
+    """Rows per chunk when chunk_size is None (rule in the module docstring).
+
+    free_bytes overrides the device query (tests); None asks torch.cuda on CUDA.
+    """
+    if device.type == "cuda" or free_bytes is not None:
+        if free_bytes is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        else:
+            free = free_bytes
+        grads = V * D * H * (4 + element_size) + N * H * element_size
+        budget = min(_MAX_CUDA_BUDGET, max(0, free - grads) // 4)
+    else:
+        budget = _CPU_BUDGET
+    rows = budget // (V * element_size) // _ROW_STEP * _ROW_STEP
+    rows = min(_MAX_ROWS, max(_ROW_STEP, rows))
+    return max(1, min(rows, N))
+
+
+def _launch_options(opts):
+    return dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                z_loss=opts.z_loss, softcap=opts.softcap)
+
+
+def _reduction_scale(t, weight, opts, prob, rows, acc, device):
+    """(denominator, grad_scale) as device tensors, over all rows at once (loss.py's rule).
+
+    'mean': the class weights of the non-ignored rows summed (their count without weights),
+    or the number of rows for probabilities; 0 / 0 gives NaN as in torch. Otherwise 1.
+    """
+    one = torch.ones((), dtype=acc, device=device)
+    if opts.reduction != "mean":
+        return one, one
+    if prob:
+        denom = torch.full((), float(rows), dtype=acc, device=device)
+    else:
+        valid = t != opts.ignore_index
+        if weight is None:
+            denom = valid.sum(dtype=acc)
+        else:
+            safe = torch.where(valid, t, torch.zeros_like(t)).long()
+            denom = (weight.to(acc)[safe] * valid).sum()
+    return denom, one / denom
+
+
+def _addmm_acc(acc, a, b):
+    """acc += a @ b, with acc in fp32/fp64 and a, b in the compute dtype (maybe lower)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _OUT_DTYPE_ADDMM["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_ADDMM["ok"] = False  # older torch: fall back for the rest of the process
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What the autograd Function needs besides tensors."""
+
+    opts: _checks.LossOptions
+    prob: bool
+    heads: int                    # D = prod(out_features), 1 for a (V, H) weight
+    chunk: int                    # rows per chunk
+    need: Tuple[bool, bool, bool]  # gradients of input, linear_weight, linear_bias
+    retain: bool                  # allow a second backward through the fused path
+
+
+def _heads(x, lw, lb, t, spec):
+    """Per head k: (W_k (V, H), b_k (V,) or None, target_k (N,) or (N, V)), all views."""
+    N, H = x.shape
+    V, D = lw.shape[0], spec.heads
+    if D == 1:
+        return [(lw, lb, t)]
+    w3 = lw.reshape(V, D, H)
+    b2 = None if lb is None else lb.reshape(V, D)
+    t2 = t.reshape(N, V, D) if spec.prob else t.reshape(N, D)
+    return [(w3[:, k], None if b2 is None else b2[:, k],
+             t2[:, :, k] if spec.prob else t2[:, k]) for k in range(D)]
+
+
+def _sweep(x, heads, V, chunk, need, ce_step):
+    """Run every (head, chunk of rows): logits by a matmul, ce_step(k, r0, r1, logits), which
+    leaves dlogits in the logits buffer when a gradient is needed, then the gradient matmuls.
+
+    Returns (grad_input (N, H), grad_W (V, D, H) or (V, H), grad_b (V, D) or (V,)), each None
+    when not needed; grad_W and grad_b in the accumulation dtype (fp32, fp64 for fp64).
+    """
+    N, H = x.shape
+    D = len(heads)
+    dev, dtype = x.device, x.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    need_x, need_w, need_b = need
+    gi = gw = gb = None
+    if need_x:
+        # one head: each chunk's rows are written once, by one GEMM; several heads add up
+        gi = (torch.empty(N, H, dtype=dtype, device=dev) if D == 1
+              else torch.zeros(N, H, dtype=acc, device=dev))
+    if need_w:
+        gw = torch.zeros((V, H) if D == 1 else (V, D, H), dtype=acc, device=dev)
+    if need_b:
+        gb = torch.zeros((V,) if D == 1 else (V, D), dtype=acc, device=dev)
+    if N == 0:
+        return gi, gw, gb
+    buf = torch.empty(min(chunk, N), V, dtype=dtype, device=dev)
+    for k, (w_k, b_k, _) in enumerate(heads):
+        gw_k = None if gw is None else (gw if D == 1 else gw[:, k])
+        for r0 in range(0, N, chunk):
+            r1 = min(N, r0 + chunk)
+            xr = x[r0:r1]
+            logits = buf[: r1 - r0]
+            if b_k is None:
+                torch.mm(xr, w_k.t(), out=logits)
+            else:
+                torch.addmm(b_k, xr, w_k.t(), out=logits)
+            ce_step(k, r0, r1, logits)
+            if need_x:
+                if D == 1:
+                    torch.mm(logits, w_k, out=gi[r0:r1])
+                else:
+                    _addmm_acc(gi[r0:r1], logits, w_k)
+            if need_w:
+                _addmm_acc(gw_k, logits.t(), xr)
+            if need_b:
+                (gb if D == 1 else gb[:, k]).add_(logits.sum(0, dtype=acc))
+    return gi, gw, gb
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lw, lb, t, weight, spec):
+        backend = backend_for(_FN, x)
+        opts, launch = spec.opts, _launch_options(spec.opts)
+        N, V, D = x.shape[0], lw.shape[0], spec.heads
+        heads = _heads(x, lw, lb, t, spec)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # device-side denominator over all N * D rows, before any chunk runs
+        denom, grad_scale = _reduction_scale(t.reshape(-1), weight, opts, spec.prob, N * D, acc,
+                                             x.device)
+        fuse = any(spec.need) and opts.reduction != "none"
+        keep_stats = any(spec.need) and opts.reduction == "none"
+        loss_rows = torch.empty(D, N, dtype=acc, device=x.device)
+        stats = torch.empty(3, D, N, dtype=acc, device=x.device) if keep_stats else None
+
+        def ce_step(k, r0, r1, logits):
+            out = backend.cross_entropy_fwd(logits, heads[k][2][r0:r1], weight,
+                                            grad=logits if fuse else None,
+                                            grad_scale=grad_scale, **launch)
+            loss_rows[k, r0:r1].copy_(out[0])
+            if keep_stats:
+                for j in range(3):
+                    stats[j, k, r0:r1].copy_(out[j + 1])
+
+        gi, gw, gb = _sweep(x, heads, V, spec.chunk, spec.need if fuse else (False,) * 3, ce_step)
+
+        if opts.reduction == "none":
+            loss = loss_rows.t().to(x.dtype)  # (N, D): row n, head k
+        else:
+            total = loss_rows.sum()
+            loss = (total if opts.reduction == "sum" else total / denom).to(x.dtype)
+
+        ctx.backend, ctx.spec, ctx.fused, ctx.consumed = backend, spec, fuse, False
+        if fuse:
+            ctx.save_for_backward(*_finish(gi, gw, gb, x, lw, lb))
+        elif keep_stats:
+            ctx.save_for_backward(x, lw, lb, t, weight, stats, grad_scale)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        spec = ctx.spec
+        if ctx.fused:
+            gi, gw, gb = ctx.saved_tensors
+            if spec.retain:
+                return (*(None if g is None else g * dloss for g in (gi, gw, gb)),
+                        None, None, None)
+            if ctx.consumed:
+                raise RuntimeError(
+                    f"{_FN}: backward ran a second time through a loss whose gradients were made "
+                    "in forward and already handed out; compute the loss again, or pass "
+                    "options with allow_retain_graph=True")
+            ctx.consumed = True
+            for g in (gi, gw, gb):
+                if g is not None:
+                    _scale_flat(ctx.backend, g, dloss)
+            return gi, gw, gb, None, None, None
+        x, lw, lb, t, weight, stats, grad_scale = ctx.saved_tensors
+        N, V, D = x.shape[0], lw.shape[0], spec.heads
+        heads = _heads(x, lw, lb, t, spec)
+        dl = dloss.reshape(N, D)
+        launch = _launch_options(spec.opts)
+
+        def ce_step(k, r0, r1, logits):
+            ctx.backend.cross_entropy_bwd(logits, heads[k][2][r0:r1], weight,
+                                          stats[0, k, r0:r1], stats[1, k, r0:r1],
+                                          stats[2, k, r0:r1], dl[r0:r1, k], grad_scale, logits,
+                                          **launch)
+
+        gi, gw, gb = _sweep(x, heads, V, spec.chunk, spec.need, ce_step)
+        return (*_finish(gi, gw, gb, x, lw, lb), None, None, None)
+
+
+def _scale_flat(backend, g, dloss):
+    """g *= dloss in place through the core's scale_grad (no traffic when dloss is 1, decided
+    on the device). g is contiguous (made here); it is seen as rows of _SCALE_ROW elements plus
+    one shorter row, so that V x H or N x H gradients launch long rows, not V short ones."""
+    flat = g.view(-1)
+    full = flat.numel() // _SCALE_ROW * _SCALE_ROW
+    if full:
+        backend.scale_grad(flat[:full].view(-1, _SCALE_ROW), dloss)
+    if full < flat.numel():
+        backend.scale_grad(flat[full:].view(1, -1), dloss)
+
+
+def _finish(gi, gw, gb, x, lw, lb):
+    """Cast the accumulators once to the parameters' dtype and give them their shapes."""
+    if gi is not None:
+        gi = gi.to(x.dtype)
+    if gw is not None:
+        gw = gw.to(lw.dtype).reshape(lw.shape)
+    if gb is not None:
+        gb = gb.to(lb.dtype).reshape(lb.shape)
+    return gi, gw, gb
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_tensor(name, value, like=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{_FN}: argument '{name}' must be a torch.Tensor, "
+                        f"got {type(value).__name__}")
+    if like is None:
+        return
+    if value.dtype != like.dtype:
+        raise TypeError(f"{_FN}: argument '{name}' must have the input's dtype {like.dtype}, "
+                        f"got {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{_FN}: argument '{name}' is on {value.device} but 'input' is on "
+                         f"{like.device}")
+
+
+def _check_chunk(chunk_size, options):
+    if options is not None:
+        if not hasattr(options, "batch_chunk_size"):
+            raise TypeError(f"{_FN}: argument 'options' must be None or a "
+                            f"torch.nn.LinearCrossEntropyOptions, got {type(options).__name__}")
+        if chunk_size is None:
+            chunk_size = options.batch_chunk_size
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"{_FN}: argument 'chunk_size' must be an int or None, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"{_FN}: argument 'chunk_size' must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
+                         z_loss=0.0, softcap=None, chunk_size=None):
+    """cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) in row chunks.
+
+    Same arguments and results as torch.nn.functional.linear_cross_entropy (torch 2.13),
+    plus the core's extras; the (N, V) logits are never held at once.
+
+    Args:
+        input: (N, H) or (H,) float16/bfloat16/float32/float64; also (..., H), flattened to
+            rows (an extension: torch takes 1-D or 2-D only).
+        linear_weight: (V, H) of the input's dtype, any strides; or (V, d1, ..., dK, H) for
+            torch's K-dimensional loss (then input must be (N, H)).
+        target: class ids of shape input.shape[:-1] (+ (d1, ..., dK)), any integer dtype, each
+            in [0, V) or equal to ignore_index; or float probabilities of the logits' shape
+            (input.shape[:-1] + (V,) + (d1, ..., dK)).
+        linear_bias: None (default) or linear_weight.shape[:-1], of the input's dtype.
+        weight: None (default) or (V,) class weights of the input's dtype (no gradient).
+        reduction: 'mean' (default; over the weights of the non-ignored rows, or the number
+            of rows for probabilities; NaN when that is 0), 'sum', or 'none'.
+        ignore_index: None (default, torch's: -100 for class ids) or an int; giving it with
+            probability targets is an error, as in torch.
+        label_smoothing: in [0, 1] (default 0.0), torch's definition.
+        options: None (default) or a torch.nn.LinearCrossEntropyOptions, accepted so that calls
+            written for torch run unchanged: its batch_chunk_size is used when chunk_size is
+            None, and allow_retain_graph=True permits a second backward; its other fields
+            (acc_policy, acc_dtype, chunking_method) do not apply: this path is always chunked,
+            accumulates in fp32 and chooses its chunk by the rule below.
+        z_loss: >= 0 (default 0.0): adds z_loss * lse^2 to each non-ignored row's loss.
+        softcap: None (default) or c > 0: logits become c * tanh(logits / c) first.
+        chunk_size: None (default) or rows per chunk. None: budget // (V * element size)
+            rows with budget 64 MiB on CPU, and on CUDA a quarter of the free memory left
+            after the gradient buffers, at most 512 MiB; rounded down to a multiple of 256,
+            clamped to [256, 2048], then to N.
+
+    Returns: the loss, of the input's dtype: a scalar, or the per-row losses of shape
+    input.shape[:-1] (+ (d1, ..., dK)) for 'none'.
+
+    Gradients flow to input, linear_weight and linear_bias. For 'mean'/'sum' they are made in
+    forward and handed out once: a second backward through the same loss raises unless
+    options.allow_retain_graph is True. Ignored rows still cost their matmul work (skipping
+    them would need a host sync).
+    """
+    _check_tensor("input", input)
+    if input.dtype not in _DTYPES:
+        raise TypeError(f"{_FN}: argument 'input' must be float16, bfloat16, float32 or float64, "
+                        f"got dtype {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError(f"{_FN}: argument 'input' must have shape (N, H) or (H,), got shape ()")
+    _check_tensor("linear_weight", linear_weight, input)
+    if linear_weight.dim() < 2:
+        raise ValueError(f"{_FN}: argument 'linear_weight' must have shape (V, H) or "
+                         f"(V, d1, ..., dK, H), got {tuple(linear_weight.shape)}")
+    H = input.shape[-1]
+    V = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_weight.shape[-1] != H or V == 0:
+        raise ValueError(f"{_FN}: argument 'linear_weight' of shape {tuple(linear_weight.shape)} "
+                         f"does not match input features H={H} (need (V >= 1, ..., {H}))")
+    if out_features and input.dim() != 2:
+        raise ValueError(f"{_FN}: a K-dimensional 'linear_weight' {tuple(linear_weight.shape)} "
+                         f"needs input of shape (N, {H}), got {tuple(input.shape)}")
+    if linear_bias is not None:
+        _check_tensor("linear_bias", linear_bias, input)
+        if tuple(linear_bias.shape) != tuple(linear_weight.shape[:-1]):
+            raise ValueError(f"{_FN}: argument 'linear_bias' must have shape "
+                             f"{tuple(linear_weight.shape[:-1])}, got {tuple(linear_bias.shape)}")
+    _check_tensor("target", target)
+    if target.device != input.device:
+        raise ValueError(f"{_FN}: argument 'target' is on {target.device} but 'input' is on "
+                         f"{input.device}")
+    batch = tuple(input.shape[:-1])
+    prob = target.is_floating_point()
+    if prob:
+        if tuple(target.shape) != batch + (V,) + out_features:
+            raise ValueError(f"{_FN}: probability 'target' must have the logits' shape "
+                             f"{batch + (V,) + out_features}, got {tuple(target.shape)}")
+        if ignore_index is not None:
+            raise ValueError(f"{_FN}: argument 'ignore_index' ({ignore_index}) cannot be given "
+                             "with probability targets (torch refuses it too); leave it None")
+        if target.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{_FN}: the gradient with respect to probability 'target' is not "
+                             "supported; pass target.detach()")
+    else:
+        if target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"{_FN}: argument 'target' must hold integer class ids or float "
+                            f"probabilities, got dtype {target.dtype}")
+        if tuple(target.shape) != batch + out_features:
+            raise ValueError(f"{_FN}: class-id 'target' must have shape {batch + out_features} "
+                             f"for input {tuple(input.shape)} and linear_weight "
+                             f"{tuple(linear_weight.shape)}, got {tuple(target.shape)}")
+    opts = _checks.check_options(_FN, -100 if ignore_index is None else ignore_index, reduction,
+                                 label_smoothing, z_loss, softcap)
+    _checks.check_weight(_FN, input, weight, V)
+    chunk_size = _check_chunk(chunk_size, options)
+    if not prob:
+        _checks.check_class_range(_FN, target, V, opts.ignore_index)
+
+    if weight is not None:
+        weight = weight.contiguous()  # the launchers read (V,) class weights contiguously
+    x = input.reshape(-1, H)
+    N, D = x.shape[0], math.prod(out_features)
+    # (N, V * D) probabilities, (N, D) class ids of K-dim heads, (N,) class ids of one head
+    t = target.reshape(N, V * D) if prob else target.reshape((N, D) if D > 1 else (N,))
+    grad_on = torch.is_grad_enabled()
+    need = tuple(bool(grad_on and a is not None and a.requires_grad)
+                 for a in (input, linear_weight, linear_bias))
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(N, V, H, D, input.element_size(), input.device)
+    spec = _Spec(opts, prob, D, chunk_size, need,
+                 bool(getattr(options, "allow_retain_graph", False)))
+    loss = _LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight, spec)
+    if opts.reduction == "none":
+        loss = loss.reshape(batch + out_features)
+    return loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """nn.Module like torch.nn.LinearCrossEntropyLoss: owns the Linear, runs linear_cross_entropy.
+
+    Same constructor as torch's (in_features, num_classes, *, out_features=(), bias=False,
+    device=None, dtype=None, reduction='mean', weight=None, ignore_index=None,
+    label_smoothing=0.0, options=None) plus z_loss, softcap and chunk_size. As in torch the
+    Linear's weight is stored flat, (num_classes * prod(out_features), in_features), under
+    the name 'linear', and the class weights as the buffer 'weight', so state dicts load
+    both ways.
+    """
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None,
+                 dtype=None, reduction="mean", weight=None, ignore_index=None,
+                 label_smoothing=0.0, options=None, z_loss=0.0, softcap=None, chunk_size=None):
+        super().__init__()
+        fn = "LinearCrossEntropyLoss"
+        opts = _checks.check_options(fn, -100 if ignore_index is None else ignore_index,
+                                     reduction, label_smoothing, z_loss, softcap)
+        if weight is not None and (not isinstance(weight, torch.Tensor)
+                                   or tuple(weight.shape) != (num_classes,)):
+            raise ValueError(f"{fn}: argument 'weight' must be a tensor of shape "
+                             f"({num_classes},), got {weight!r}")
+        _check_chunk(chunk_size, options)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features) * num_classes,
+                                      bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.reduction = opts.reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = opts.label_smoothing
+        self.options = options
+        self.z_loss = opts.z_loss
+        self.softcap = opts.softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input, target):
+        shape = (self.num_classes,) + self.out_features
+        lw = self.linear.weight.reshape(shape + (self.linear.in_features,))
+        lb = None if self.linear.bias is None else self.linear.bias.reshape(shape)
+        return linear_cross_entropy(input, lw, target, linear_bias=lb, weight=self.weight,
+                                    reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, options=self.options,
+                                    z_loss=self.z_loss, softcap=self.softcap,
+                                    chunk_size=self.chunk_size)
+
+    def extra_repr(self):
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, chunk_size={self.chunk_size}")
