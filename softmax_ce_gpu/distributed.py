@@ -1,0 +1,305 @@
+"""Vocabulary-parallel cross-entropy over torch.distributed (Megatron-style tensor parallelism).
+
+Each rank of a process group holds a slice of the columns of the logits; the loss
+and each rank's slice of the gradient are computed without gathering the logits.
+Per call and row, in this order:
+
+1. widths: one all_reduce SUM of a (world,) int64 vector (each rank fills in its own
+   width) gives every rank its start offset and the global V, as device tensors (no
+   host copy; the class-id range check on CUDA is a device-side assert). It is done
+   on every call rather than cached: a cache keyed on the local width could hit on
+   one rank and miss on another after the split changes, and then the ranks would
+   disagree on which collectives to run and hang.
+2. partial statistics of the local shard (kernels/vocab_parallel.py, or torch ops for
+   float64 and CPU without Triton's interpreter): m_r, s_r = d_r - 1 relative to
+   m_r, z_c where the class id falls in the shard (-inf elsewhere), and, with label
+   smoothing, B_r = sum over the shard of (m_r - z_j).
+3. all_reduce MAX of (m_r, z_c): the global max M and the target logit z_c
+   (8 bytes per row in fp32).
+4. all_reduce SUM of (sigma_r, n_r[, B_r + W_r (M - m_r)]) (8 or 12 bytes per row),
+   where a rank holding M (m_r = M) sends sigma_r = s_r, n_r = 1, and any other rank
+   sigma_r = d_r exp(m_r - M), n_r = 0. Then
+
+       s = d - 1 = sum_r sigma_r + (sum_r n_r - 1)
+
+   with every term >= 0 and the integer count exact: the one exp(0) = 1 that a
+   confident prediction would otherwise swamp is never added (also when several
+   ranks hold the max), so log d = log1p(s) and 1 - p_max keep their digits as in
+   the single-device kernel. Everything else is a sum of non-negative terms too.
+5. every rank computes the same per-row loss from the same reduced values (bitwise
+   identical on every rank) and, when the gradient is made in forward ('mean' or
+   'sum'), writes the gradient of its own columns: the exact slice of the
+   single-process gradient (not multiplied by the world size). For 'none', it saves
+   the global M and log d (8 bytes a row) and writes the gradient in backward, which
+   needs no communication.
+
+Communication: 8 * world bytes, then 16 bytes a row (20 with label smoothing) per
+rank: O(N), never O(N x V).
+"""
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from . import _checks, reference
+from ._backend import backend_for
+
+try:
+    from .kernels import vocab_parallel as _vp_kernels
+except ImportError:  # triton missing: backend_for never picks the kernels then
+    _vp_kernels = None
+
+
+# ----------------------------------------------------------------------------- torch path
+
+
+def _shard_target(target, shard, W, ignore_index):
+    """(valid, in_shard, c_loc) as kernels/vocab_parallel.py: c_loc in [0, W), 0 elsewhere."""
+    valid = target != ignore_index
+    c_loc = target.long() - shard[0]
+    in_shard = valid & (c_loc >= 0) & (c_loc < W)
+    return valid, in_shard, torch.where(in_shard, c_loc, torch.zeros_like(c_loc))
+
+
+def _torch_fwd(logits, target, shard, *, ignore_index, label_smoothing, softcap):
+    """Same contract as softmax_ce_gpu.kernels.vocab_parallel.vocab_parallel_fwd, in torch ops
+    (float64 for float64 logits)."""
+    acc = reference._acc_dtype(logits)
+    W = logits.shape[1]
+    z, _ = reference._capped(logits, softcap, acc)
+    valid, in_shard, c_loc = _shard_target(target, shard, W, ignore_index)
+    inf = torch.tensor(float("inf"), dtype=acc, device=logits.device)
+    z = torch.where(valid[:, None], z, -inf)  # an ignored row reads nothing
+    m = z.amax(dim=1)
+    m_ref = torch.where(m == -inf, torch.zeros_like(m), m)
+    e = torch.exp(z - m_ref[:, None])
+    s = e.scatter(1, z.argmax(dim=1, keepdim=True), 0.0).sum(dim=1) - (m == -inf).to(acc)
+    z_c = torch.where(in_shard, z.gather(1, c_loc[:, None])[:, 0], -inf)
+    if label_smoothing > 0.0:
+        B = torch.where(z == -inf, inf, m[:, None] - z).sum(dim=1)
+        B = torch.where(valid, B, torch.zeros_like(B))
+    else:
+        B = torch.zeros_like(m)
+    return torch.stack([m, z_c, s, B])
+
+
+def _torch_bwd(logits, target, shard, row_max, row_logd, dloss, grad_scale, grad, *,
+               ignore_index, label_smoothing, z_loss, softcap):
+    """Same contract as softmax_ce_gpu.kernels.vocab_parallel.vocab_parallel_bwd, in torch ops."""
+    acc = reference._acc_dtype(logits)
+    N, W = logits.shape
+    z, dz = reference._capped(logits, softcap, acc)
+    valid, in_shard, c_loc = _shard_target(target, shard, W, ignore_index)
+    m, logd = row_max.to(acc), row_logd.to(acc)
+    u = (z - m[:, None]) - logd[:, None]
+    p = torch.exp(u)
+    zero = torch.zeros_like(m)
+    coef_p = torch.where(valid, 1.0 + 2.0 * z_loss * (m + logd), zero)  # S = 1
+    coef_c = torch.where(valid, torch.full_like(m, 1.0 - label_smoothing), zero)
+    a = label_smoothing / shard[1].to(acc)  # the dense target e / V, global V
+    g = p * coef_p[:, None] - a
+    # the target column: (1 - e) (p_c - 1) + p_c (S' - (1 - e)) - e / V, p_c - 1 = expm1(u_c)
+    u_c = u.gather(1, c_loc[:, None])
+    g_c = coef_c[:, None] * torch.expm1(u_c) + torch.exp(u_c) * (coef_p - coef_c)[:, None] - a
+    cols = torch.arange(W, device=logits.device)
+    g = torch.where((cols[None, :] == c_loc[:, None]) & in_shard[:, None], g_c, g)
+    scale = (dloss.to(acc) * grad_scale.to(acc)).expand(N)
+    g = torch.where(valid[:, None], g * scale[:, None], torch.zeros_like(g))
+    grad.copy_(g if dz is None else g * dz)
+    return grad
+
+
+class _TorchPath:
+    vocab_parallel_fwd = staticmethod(_torch_fwd)
+    vocab_parallel_bwd = staticmethod(_torch_bwd)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _shard_of(W, group, device):
+    """(2,) int64 device tensor (start of this rank's columns, global V): one tiny collective."""
+    rank = dist.get_rank(group)
+    widths = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
+    widths[rank] = W
+    dist.all_reduce(widths, op=dist.ReduceOp.SUM, group=group)
+    return torch.stack([widths[:rank].sum(), widths.sum()])
+
+
+def _check_class_range(fn, target, shard, ignore_index):
+    V = shard[1]
+    if target.device.type == "cuda":
+        bad = ((target < 0) | (target >= V)) & (target != ignore_index)
+        torch._assert_async(
+            ~bad.any(), f"{fn}: a class id in 'target' is outside [0, V) (V the sum of the "
+            f"shard widths) and is not ignore_index={ignore_index}")
+        return
+    _checks.check_class_range(fn, target, int(V), ignore_index)
+
+
+def _combine(part, W, shard, valid, opts, group):
+    """Global per-row (max, log d, loss) from each rank's (4, N) partial statistics.
+
+    Two collectives; every rank ends with bitwise the same values.
+    """
+    m_r, s_r, B_r = part[0], part[2], part[3]
+    mz = part[:2].clone()
+    dist.all_reduce(mz, op=dist.ReduceOp.MAX, group=group)
+    M, z_c = mz[0], mz[1]
+    finite = M != float("-inf")
+    top = (m_r == M) & finite
+    M_ref = torch.where(finite, M, torch.zeros_like(M))
+    # d_r exp(m_r - M) with d_r = 1 + s_r; 0 for a shard of -inf only (s_r = -1)
+    sigma = torch.where(top, s_r, (1.0 + s_r) * torch.exp(m_r - M_ref))
+    smoothing = opts.label_smoothing > 0.0
+    sums = torch.empty((3 if smoothing else 2, part.shape[1]), dtype=part.dtype,
+                       device=part.device)
+    sums[0] = sigma
+    sums[1] = top.to(part.dtype)
+    if smoothing:
+        # sum over the shard of (M - z_j) = B_r + W (M - m_r), all terms >= 0
+        shift = torch.where(m_r < M, W * (M - m_r), torch.zeros_like(M))
+        sums[2] = B_r + shift
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    s = sums[0] + (sums[1] - 1.0)
+    logd = torch.log1p(s)
+    lse = M + logd
+    e = opts.label_smoothing
+    loss = (1.0 - e) * ((M - z_c) + logd)
+    if smoothing:
+        loss = loss + (e / shard[1].to(part.dtype)) * sums[2] + e * logd
+    if opts.z_loss > 0.0:
+        loss = loss + opts.z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return M, logd, loss
+
+
+def _launch_options(opts):
+    return dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                z_loss=opts.z_loss, softcap=opts.softcap)
+
+
+class _VocabParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, t, opts, group, fn):
+        backend = backend_for(fn, x)
+        impl = _vp_kernels if backend is not reference else _TorchPath
+        N, W = x.shape
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        shard = _shard_of(W, group, x.device)
+        _check_class_range(fn, t, shard, opts.ignore_index)
+        valid = t != opts.ignore_index
+        one = torch.ones((), dtype=acc, device=x.device)
+        if opts.reduction == "mean":
+            denom = valid.sum(dtype=acc)
+            grad_scale = one / denom
+        else:
+            grad_scale = one
+
+        need_grad = ctx.needs_input_grad[0]
+        fuse = need_grad and opts.reduction != "none"
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fuse else None
+        if N == 0:  # the same on every rank (target is): no rank enters the collectives
+            loss_rows = row_max = row_logd = x.new_empty(0, dtype=acc)
+        else:
+            part = impl.vocab_parallel_fwd(x, t, shard, ignore_index=opts.ignore_index,
+                                           label_smoothing=opts.label_smoothing,
+                                           softcap=opts.softcap)
+            row_max, row_logd, loss_rows = _combine(part, W, shard, valid, opts, group)
+            if fuse:
+                impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, one, grad_scale, grad,
+                                        **_launch_options(opts))
+        if opts.reduction == "none":
+            loss = loss_rows
+        elif opts.reduction == "sum":
+            loss = loss_rows.sum()
+        else:
+            loss = loss_rows.sum() / denom
+        ctx.backend, ctx.impl, ctx.opts, ctx.fn = backend, impl, opts, fn
+        ctx.fused, ctx.consumed = fuse, False
+        if fuse:
+            ctx.save_for_backward(grad)
+        elif need_grad:
+            ctx.save_for_backward(x, t, shard, row_max, row_logd, grad_scale)
+        return loss.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        if ctx.fused:
+            if ctx.consumed:
+                raise RuntimeError(
+                    f"{ctx.fn}: backward ran a second time through a loss whose gradient was made "
+                    "in forward and already handed out; compute the loss again instead of "
+                    "retain_graph=True")
+            ctx.consumed = True
+            (grad,) = ctx.saved_tensors
+            if grad.numel():
+                ctx.backend.scale_grad(grad, dloss)
+            return grad, None, None, None, None
+        x, t, shard, row_max, row_logd, grad_scale = ctx.saved_tensors
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if x.shape[0]:
+            ctx.impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, dloss, grad_scale, grad,
+                                        **_launch_options(ctx.opts))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_index=-100,
+                                 reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """Softmax cross-entropy of logits whose vocabulary is split across the ranks of a group.
+
+    Rank r of ``group`` holds the columns [start_r, start_r + W_r) of the logits, in rank
+    order (start_r = W_0 + ... + W_{r-1}; the widths may differ); V = sum of the W_r. The
+    result is what ``softmax_ce_gpu.cross_entropy`` (and torch's F.cross_entropy) gives on
+    the full (N, V) logits: the same loss on every rank, and on each rank the gradient of
+    its own columns (the slice of the single-process gradient, not scaled by the world
+    size). Communication is O(N) per rank: three all_reduce calls per forward (the
+    widths, then 8 bytes a row, then 8 bytes a row, 12 with label smoothing), none in
+    backward. Every rank of the group must make the call, with the same target and options.
+
+    Args:
+        logits_shard: (N, W_r) or (W_r,) float16/bfloat16/float32/float64, this rank's
+            columns, any strides; W_r >= 1. Flatten batch dimensions first
+            (``logits_shard.view(-1, W_r)``): inputs of higher rank are refused.
+        target: (N,) or () integer global class ids in [0, V) or equal to ignore_index,
+            identical on every rank. Probability targets are not supported.
+        group: the process group the vocabulary is split over (default: the default group).
+            NCCL for CUDA tensors, gloo for CPU tensors.
+        ignore_index: rows whose class id equals it count for nothing (default -100).
+        reduction: 'mean' (default; over the non-ignored rows, NaN when there are none),
+            'sum', or 'none' (per-row losses, shape (N,)).
+        label_smoothing: in [0, 1] (default 0.0), torch's definition with the global V.
+        z_loss: >= 0 (default 0.0): adds z_loss * lse^2 to each non-ignored row's loss,
+            lse being the global log-sum-exp.
+        softcap: None (default) or c > 0: the logits become c * tanh(logits / c) first.
+
+    Class weights are not supported (there is no ``weight`` argument).
+
+    Returns: the loss, of the logits' dtype: a scalar, or (N,) for 'none'.
+
+    With reduction 'mean' or 'sum' the gradient is written in the forward pass and
+    backward only scales it (a second backward through the same loss raises); with
+    'none' backward recomputes it from 8 saved bytes a row.
+    """
+    fn = "vocab_parallel_cross_entropy"
+    opts = _checks.check_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{fn}: torch.distributed is not initialised; call "
+                           "torch.distributed.init_process_group first")
+    _checks.check_logits(fn, logits_shard, "logits_shard")
+    if logits_shard.dim() > 2:
+        raise ValueError(
+            f"{fn}: argument 'logits_shard' must be (N, W) or (W,), got shape "
+            f"{tuple(logits_shard.shape)}; flatten the batch dimensions first "
+            "(logits_shard.view(-1, W), target.view(-1))")
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        raise TypeError(f"{fn}: argument 'target' must hold integer class ids; probability "
+                        f"targets (dtype {target.dtype}) are not supported")
+    _checks.check_target(fn, logits_shard, target, opts.ignore_index)
+    x = logits_shard.unsqueeze(0) if logits_shard.dim() == 1 else logits_shard
+    t = target.reshape(1) if target.dim() == 0 else target
+    loss = _VocabParallelFunction.apply(x, t, opts, group, fn)
+    if opts.reduction == "none" and logits_shard.dim() == 1:
+        return loss.reshape(())
+    return loss

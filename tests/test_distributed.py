@@ -1,0 +1,367 @@
+"""vocab_parallel_cross_entropy on 2 and 3 gloo processes against single-process torch in float64.
+
+Each test spawns one world (file rendezvous under tmp_path, no port chosen by us) and
+runs many cases in it: every rank builds the same full (N, V) logits from the same
+seed, keeps its own uneven slice of the columns, and compares its loss and gradient
+slice with F.cross_entropy on float64 copies of the full logits. Failures are
+collected and raised at the end, so one rank's mismatch never leaves the others
+waiting in a collective. The spawned processes inherit TRITON_INTERPRET=1 through
+os.environ (conftest sets it; _spawn makes sure, also on a GPU runner), so fp32/bf16
+cases run the real kernels in the interpreter; float64 cases run the pure-PyTorch path.
+"""
+
+import traceback
+import warnings
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from helpers import TOL, rel_err
+
+from softmax_ce_gpu.distributed import vocab_parallel_cross_entropy
+
+REDUCTIONS = ("mean", "sum", "none")
+OPTIONS = (
+    dict(),
+    dict(ignore=True),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=1.0, ignore=True),
+    dict(z_loss=1e-2),
+    dict(softcap=4.0),
+    dict(ignore=True, label_smoothing=0.2, z_loss=1e-3, softcap=5.0),
+    dict(ignore_index=3, label_smoothing=0.1),
+)
+# -inf padding: with label smoothing torch's loss is +inf (e / V of log 0), so without it
+PAD_OPTIONS = (dict(), dict(ignore=True, z_loss=1e-3, softcap=5.0))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference(x, t, *, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+              softcap=None):
+    """torch on a float64 copy of the full logits; returns (loss, x64 leaf)."""
+    x64 = x.detach().double().requires_grad_()
+    z = x64
+    if softcap is not None:
+        z = torch.where(x64 == float("-inf"), x64, softcap * torch.tanh(x64 / softcap))
+    rows = F.cross_entropy(z, t, reduction="none", ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    valid = t != ignore_index
+    if z_loss:
+        rows = rows + torch.where(valid, z_loss * torch.logsumexp(z, dim=1) ** 2, 0.0)
+    if reduction == "none":
+        return rows, x64
+    if reduction == "sum":
+        return rows.sum(), x64
+    return rows.sum() / valid.sum(), x64
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def _slice(widths, rank):
+    start = sum(widths[:rank])
+    return start, start + widths[rank]
+
+
+def make_full(seed, N, V, dtype, kind, ignore, ignore_index, widths):
+    """The same full logits, target and upstream gradient on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, V, generator=g, dtype=torch.float64) * 3.0
+    t = torch.randint(0, V, (N,), generator=g)
+    if kind == "confident":
+        # the target far above the rest, on each rank in turn: 1 - p_c = s / (1 + s) with
+        # s ~ 1e-5, where 1 + s in fp32 would keep only 2 of its digits; the float64
+        # reference keeps about 11 of them, hence the case's tolerance factor in float64
+        for r in range(N):
+            rank = r % len(widths)
+            lo, hi = _slice(widths, rank)
+            t[r] = lo + (r * 7) % (hi - lo)
+            x[r, t[r]] = 20.0
+    elif kind == "tie":
+        # the max held twice, in two different shards
+        for r in range(N):
+            b = _slice(widths, 1)[0] + r % widths[1]
+            a = r % widths[0]
+            x[r, a] = x[r, b] = 25.0
+            t[r] = (a, b, t[r])[r % 3]
+    elif kind == "pad":
+        # -inf padding at the end of the vocabulary; the last shard all -inf on row 0
+        x[:, V - 3:] = float("-inf")
+        lo, _ = _slice(widths, len(widths) - 1)
+        x[0, lo:] = float("-inf")
+        t = t.clamp(max=lo - 1)
+    if ignore and N > 1:
+        t[::2] = ignore_index
+    up = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    return x.to(dtype), t, up
+
+
+def run_case(rank, case):
+    """Compare this rank's loss and gradient slice; returns a list of failure messages."""
+    dtype, reduction, N, kind = case["dtype"], case["reduction"], case["N"], case["kind"]
+    widths = case["widths"]
+    opts = dict(case["opts"])
+    ignore = opts.pop("ignore", False)
+    V = sum(widths)
+    x, t, up = make_full(case["seed"], N, V, dtype, kind, ignore, opts.get("ignore_index", -100),
+                         widths)
+    lo, hi = _slice(widths, rank)
+    if kind == "strided":
+        x_shard = x[:, lo:hi]  # a column slice of the full logits: row stride V, no copy
+    else:
+        x_shard = x[:, lo:hi].clone()
+    x_shard.requires_grad_()
+    loss = vocab_parallel_cross_entropy(x_shard, t, reduction=reduction, **opts)
+    ref, x64 = reference(x, t, reduction=reduction, **opts)
+    if reduction != "none":
+        up = up[0]
+    loss.backward(up.to(loss.dtype))
+    ref.backward(up)
+    msgs = []
+    # the loss is bitwise the same on every rank
+    world = dist.get_world_size()
+    bits = loss.detach().double().reshape(-1).view(torch.int64)
+    gathered = [torch.empty_like(bits) for _ in range(world)]
+    dist.all_gather(gathered, bits)
+    if not all(torch.equal(g, bits) for g in gathered):
+        msgs.append("loss differs between ranks")
+    factor = 100.0 if (kind == "confident" and dtype == torch.float64) else 1.0
+    tol = TOL[dtype] * factor
+    if loss.dtype != dtype or loss.shape != ref.shape:
+        msgs.append(f"loss dtype/shape {loss.dtype} {tuple(loss.shape)} vs {tuple(ref.shape)}")
+    else:
+        err = rel_err(loss, ref)
+        if err > tol:
+            msgs.append(f"loss rel err {err:.3g} > {tol:.3g}")
+    gerr = rel_err(x_shard.grad, x64.grad[:, lo:hi])
+    if gerr > tol:
+        msgs.append(f"grad rel err {gerr:.3g} > {tol:.3g}")
+    return msgs
+
+
+def _cases(dtypes, reductions, options, kinds, widths, N=3, seed0=0):
+    out = []
+    for dtype in dtypes:
+        for reduction in reductions:
+            for opts in options:
+                for kind in kinds:
+                    seed0 += 1
+                    out.append(dict(dtype=dtype, reduction=reduction, opts=opts, kind=kind,
+                                    widths=widths, N=N, seed=seed0))
+    return out
+
+
+# ----------------------------------------------------------------------------- worlds
+
+
+def _worker(rank, world, rdv, widths, plan):
+    # the interpreter's numpy warns about the IEEE edge cases computed on purpose (as
+    # pyproject's filterwarnings says); pytest's filter does not reach spawned processes
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+    from softmax_ce_gpu import kernels
+
+    assert kernels.INTERPRETER, "the spawned process does not run the kernels"
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    failures = []
+    try:
+        for case in PLANS[plan]():
+            try:
+                if "check" in case:
+                    msgs = case["check"](rank, widths)
+                else:
+                    msgs = run_case(rank, case)
+            except Exception:  # noqa: BLE001  (reported below with the case)
+                msgs = [traceback.format_exc()]
+            failures += [f"rank {rank} {case_name(case)}: {m}" for m in msgs]
+    finally:
+        dist.destroy_process_group()
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def case_name(case):
+    if "check" in case:
+        return case["check"].__name__
+    return (f"{case['dtype']} {case['reduction']} {case['kind']} N={case['N']} {case['widths']} "
+            f"{case['opts'] or 'plain'}")
+
+
+def _spawn(tmp_path, monkeypatch, widths, plan):
+    # the children run CPU tensors over gloo: the kernels through the interpreter, also on a
+    # GPU runner (the variable is read when the child imports triton)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mp.spawn(_worker, args=(len(widths), str(tmp_path / "rdv"), widths, plan),
+             nprocs=len(widths), join=True)
+
+
+# ----------------------------------------------------------------------------- special checks
+
+
+def check_retain_graph(rank, widths):
+    """'none' recomputes in backward (any number of times); 'mean' hands its gradient out once."""
+    msgs = []
+    x, t, _ = make_full(7, 4, sum(widths), torch.float32, "plain", False, -100, widths)
+    lo, hi = _slice(widths, rank)
+    xs = x[:, lo:hi].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(xs, t, reduction="none")
+    loss.sum().backward(retain_graph=True)
+    first = xs.grad.clone()
+    loss.sum().backward()
+    if rel_err(xs.grad, 2 * first) > TOL[torch.float32]:
+        msgs.append("second backward of 'none' differs")
+    loss = vocab_parallel_cross_entropy(xs, t)
+    loss.backward(retain_graph=True)
+    try:
+        loss.backward()
+        msgs.append("second backward of 'mean' did not raise")
+    except RuntimeError as err:
+        if "second time" not in str(err):
+            msgs.append(f"unexpected error {err}")
+    return msgs
+
+
+def check_small_shapes(rank, widths):
+    """N = 0, N = 1, 1-D logits, all rows ignored, int32 targets."""
+    msgs = []
+    V = sum(widths)
+    lo, hi = _slice(widths, rank)
+    for reduction in REDUCTIONS:
+        xs = torch.randn(0, hi - lo).requires_grad_()
+        loss = vocab_parallel_cross_entropy(xs, torch.zeros(0, dtype=torch.long),
+                                            reduction=reduction)
+        loss.sum().backward()
+        expected = {"mean": (), "sum": (), "none": (0,)}[reduction]
+        if loss.shape != expected or xs.grad.shape != (0, hi - lo):
+            msgs.append(f"N=0 {reduction}: shapes {tuple(loss.shape)} {tuple(xs.grad.shape)}")
+        if reduction == "mean" and not torch.isnan(loss):
+            msgs.append("N=0 mean is not NaN")
+    # all rows ignored: NaN mean, zero gradient (torch's choice)
+    x, t, _ = make_full(11, 3, V, torch.float32, "plain", False, -100, widths)
+    xs = x[:, lo:hi].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(xs, torch.full_like(t, -100))
+    loss.backward()
+    if not torch.isnan(loss) or torch.count_nonzero(xs.grad):
+        msgs.append("all-ignored mean: not NaN, or a nonzero gradient")
+    for reduction in REDUCTIONS:
+        # 1-D logits with a () target, and (1, W) with an int32 target
+        x, t, _ = make_full(12, 1, V, torch.float32, "plain", False, -100, widths)
+        for xs_full, tt in ((x[0], t[0]), (x, t.int())):
+            xs = xs_full[..., lo:hi].clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(xs, tt, reduction=reduction, label_smoothing=0.1)
+            loss.sum().backward()
+            ref, x64 = reference(xs_full.reshape(1, V), tt.reshape(1).long(), reduction=reduction,
+                                 label_smoothing=0.1)
+            ref.sum().backward()
+            if loss.numel() != ref.numel() or rel_err(loss.reshape(-1), ref.reshape(-1)) > 2e-5:
+                msgs.append(f"shape {tuple(xs.shape)} {reduction}: loss mismatch")
+            if rel_err(xs.grad.reshape(1, -1), x64.grad[:, lo:hi]) > 2e-5:
+                msgs.append(f"shape {tuple(xs.shape)} {reduction}: grad mismatch")
+    return msgs
+
+
+def check_bad_input(rank, widths):
+    """Errors raised identically on every rank, before any rank enters a collective they skip."""
+    msgs = []
+    V = sum(widths)
+    lo, hi = _slice(widths, rank)
+    xs = torch.randn(3, hi - lo)
+    t = torch.tensor([0, 1, 2])
+    bad = [
+        (TypeError, lambda: vocab_parallel_cross_entropy(xs, torch.rand(3, hi - lo))),
+        (ValueError, lambda: vocab_parallel_cross_entropy(xs.reshape(3, 1, -1), t)),
+        (ValueError, lambda: vocab_parallel_cross_entropy(xs, t, reduction="avg")),
+        (ValueError, lambda: vocab_parallel_cross_entropy(xs, t, label_smoothing=1.5)),
+        (ValueError, lambda: vocab_parallel_cross_entropy(xs, t[:2])),
+        (ValueError, lambda: vocab_parallel_cross_entropy(xs, torch.tensor([0, V, 1]))),
+        (TypeError, lambda: vocab_parallel_cross_entropy(xs.int(), t)),
+        (TypeError, lambda: vocab_parallel_cross_entropy(xs, t, weight=torch.ones(V))),
+    ]
+    for i, (kind, call) in enumerate(bad):
+        try:
+            call()
+            msgs.append(f"bad input {i} did not raise")
+        except kind as err:
+            if i != 7 and "vocab_parallel_cross_entropy" not in str(err):
+                msgs.append(f"bad input {i}: message does not name the function: {err}")
+        except Exception as err:  # noqa: BLE001
+            msgs.append(f"bad input {i}: {type(err).__name__} instead of {kind.__name__}: {err}")
+    # the group is still in step: a good call after the errors works
+    x, t, _ = make_full(13, 2, V, torch.float32, "plain", False, -100, widths)
+    loss = vocab_parallel_cross_entropy(x[:, lo:hi], t)
+    if rel_err(loss, reference(x, t)[0]) > 2e-5:
+        msgs.append("loss after bad input differs")
+    return msgs
+
+
+# ----------------------------------------------------------------------------- plans
+# Kernel cases (fp32/bf16 through the interpreter) cost about 0.4 s each on 2 cores;
+# float64 cases (the torch path) a tenth of that. Every option meets every reduction
+# in fp32 and float64 on two ranks; the three-rank world repeats the options with the
+# reductions in turn, and the special inputs.
+
+KERNEL = (torch.float32, torch.bfloat16)
+
+
+def _plan_two():
+    w = [23, 18]
+    cases = _cases((torch.float32, torch.float64), REDUCTIONS, OPTIONS, ("plain",), w, N=4)
+    cases += _cases((torch.bfloat16,), ("mean",), OPTIONS, ("plain",), w, N=4, seed0=500)
+    cases += _cases((torch.float32, torch.float64), ("mean", "none"),
+                    (dict(), dict(label_smoothing=0.1, z_loss=1e-3)),
+                    ("confident", "tie", "strided"), w, seed0=1000)
+    cases += _cases((torch.bfloat16,), ("sum",), (dict(label_smoothing=0.1, z_loss=1e-3),),
+                    ("confident", "tie", "strided"), w, seed0=1200)
+    cases += _cases((torch.float32, torch.float64), ("mean", "none"), PAD_OPTIONS, ("pad",), w,
+                    seed0=1500)
+    cases += _cases((torch.float32,), ("sum",), PAD_OPTIONS[1:], ("pad",), w, N=1, seed0=2000)
+    # several BLOCK_V chunks in one shard (16 KiB chunks: 4096 fp32 values)
+    cases += _cases((torch.float32,), ("mean",),
+                    (dict(label_smoothing=0.1, softcap=20.0, z_loss=1e-3),), ("plain",),
+                    [4500, 700], N=2, seed0=2500)
+    cases += _cases((torch.float32,), ("none",), PAD_OPTIONS[1:], ("pad",), [4500, 700], N=2,
+                    seed0=2600)
+    return cases + [dict(check=check_retain_graph), dict(check=check_small_shapes),
+                    dict(check=check_bad_input)]
+
+
+def _plan_three():
+    w = [9, 20, 14]
+    cases = []
+    for i, opts in enumerate(OPTIONS):
+        cases += _cases((torch.float32,), (REDUCTIONS[i % 3],), (opts,), ("plain",), w,
+                        seed0=3000 + 10 * i)
+    cases += _cases((torch.float64,), REDUCTIONS, OPTIONS, ("plain",), w, seed0=3500)
+    cases += _cases((torch.bfloat16,), ("mean",), OPTIONS[-2:], ("plain",), w, seed0=4000)
+    cases += _cases((torch.float32, torch.float64), ("sum",),
+                    (dict(label_smoothing=0.2, softcap=5.0, z_loss=1e-3),),
+                    ("confident", "tie", "strided"), w, seed0=5000)
+    cases += _cases((torch.float32, torch.float64), ("mean",), PAD_OPTIONS[1:], ("pad",), w,
+                    seed0=5500)
+    return cases
+
+
+PLANS = {"two": _plan_two, "three": _plan_three}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_two_ranks_uneven(tmp_path, monkeypatch):
+    _spawn(tmp_path, monkeypatch, [23, 18], "two")
+
+
+def test_three_ranks_uneven(tmp_path, monkeypatch):
+    _spawn(tmp_path, monkeypatch, [9, 20, 14], "three")
+
+
+def test_refuses_without_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]))
