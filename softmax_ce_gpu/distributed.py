@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks, reference
 from ._backend import backend_for
+from ._reduction import acc_dtype, launch_options, reduce, reduction_scale, take_fused_grad
 
 try:
     from .kernels import vocab_parallel as _vp_kernels
@@ -174,27 +175,18 @@ def _combine(part, W, shard, valid, opts, group):
     return M, logd, loss
 
 
-def _launch_options(opts):
-    return dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-                z_loss=opts.z_loss, softcap=opts.softcap)
-
-
 class _VocabParallelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, opts, group, fn):
         backend = backend_for(fn, x)
         impl = _vp_kernels if backend is not reference else _TorchPath
         N, W = x.shape
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x)
         shard = _shard_of(W, group, x.device)
         _check_class_range(fn, t, shard, opts.ignore_index)
         valid = t != opts.ignore_index
         one = torch.ones((), dtype=acc, device=x.device)
-        if opts.reduction == "mean":
-            denom = valid.sum(dtype=acc)
-            grad_scale = one / denom
-        else:
-            grad_scale = one
+        denom, grad_scale = reduction_scale(t, None, opts, False, N, acc, x.device)
 
         need_grad = ctx.needs_input_grad[0]
         fuse = need_grad and opts.reduction != "none"
@@ -208,13 +200,8 @@ class _VocabParallelFunction(torch.autograd.Function):
             row_max, row_logd, loss_rows = _combine(part, W, shard, valid, opts, group)
             if fuse:
                 impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, one, grad_scale, grad,
-                                        **_launch_options(opts))
-        if opts.reduction == "none":
-            loss = loss_rows
-        elif opts.reduction == "sum":
-            loss = loss_rows.sum()
-        else:
-            loss = loss_rows.sum() / denom
+                                        **launch_options(opts))
+        loss = reduce(loss_rows, denom, opts.reduction)
         ctx.backend, ctx.impl, ctx.opts, ctx.fn = backend, impl, opts, fn
         ctx.fused, ctx.consumed = fuse, False
         if fuse:
@@ -227,13 +214,7 @@ class _VocabParallelFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dloss):
         if ctx.fused:
-            if ctx.consumed:
-                raise RuntimeError(
-                    f"{ctx.fn}: backward ran a second time through a loss whose gradient was made "
-                    "in forward and already handed out; compute the loss again instead of "
-                    "retain_graph=True")
-            ctx.consumed = True
-            (grad,) = ctx.saved_tensors
+            (grad,) = take_fused_grad(ctx, ctx.fn)
             if grad.numel():
                 ctx.backend.scale_grad(grad, dloss)
             return grad, None, None, None, None
@@ -241,7 +222,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if x.shape[0]:
             ctx.impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, dloss, grad_scale, grad,
-                                        **_launch_options(ctx.opts))
+                                        **launch_options(ctx.opts))
         return grad, None, None, None, None
 
 

@@ -73,6 +73,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks
 from ._backend import backend_for
+from ._reduction import acc_dtype, launch_options, reduce, reduction_scale, take_fused_grad
 
 _FN = "linear_cross_entropy"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -107,32 +108,6 @@ def _default_chunk_size(N, V, H, D, element_size, device, free_bytes=None):
     rows = budget // (V * element_size) // _ROW_STEP * _ROW_STEP
     rows = min(_MAX_ROWS, max(_ROW_STEP, rows))
     return max(1, min(rows, N))
-
-
-def _launch_options(opts):
-    return dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-                z_loss=opts.z_loss, softcap=opts.softcap)
-
-
-def _reduction_scale(t, weight, opts, prob, rows, acc, device):
-    """(denominator, grad_scale) as device tensors, over all rows at once (loss.py's rule).
-
-    'mean': the class weights of the non-ignored rows summed (their count without weights),
-    or the number of rows for probabilities; 0 / 0 gives NaN as in torch. Otherwise 1.
-    """
-    one = torch.ones((), dtype=acc, device=device)
-    if opts.reduction != "mean":
-        return one, one
-    if prob:
-        denom = torch.full((), float(rows), dtype=acc, device=device)
-    else:
-        valid = t != opts.ignore_index
-        if weight is None:
-            denom = valid.sum(dtype=acc)
-        else:
-            safe = torch.where(valid, t, torch.zeros_like(t)).long()
-            denom = (weight.to(acc)[safe] * valid).sum()
-    return denom, one / denom
 
 
 def _addmm_acc(acc, a, b):
@@ -225,13 +200,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lw, lb, t, weight, spec):
         backend = backend_for(_FN, x)
-        opts, launch = spec.opts, _launch_options(spec.opts)
+        opts, launch = spec.opts, launch_options(spec.opts)
         N, V, D = x.shape[0], lw.shape[0], spec.heads
         heads = _heads(x, lw, lb, t, spec)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x)
         # device-side denominator over all N * D rows, before any chunk runs
-        denom, grad_scale = _reduction_scale(t.reshape(-1), weight, opts, spec.prob, N * D, acc,
-                                             x.device)
+        denom, grad_scale = reduction_scale(t.reshape(-1), weight, opts, spec.prob, N * D, acc,
+                                            x.device)
         fuse = any(spec.need) and opts.reduction != "none"
         keep_stats = any(spec.need) and opts.reduction == "none"
         loss_rows = torch.empty(D, N, dtype=acc, device=x.device)
@@ -251,8 +226,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if opts.reduction == "none":
             loss = loss_rows.t().to(x.dtype)  # (N, D): row n, head k
         else:
-            total = loss_rows.sum()
-            loss = (total if opts.reduction == "sum" else total / denom).to(x.dtype)
+            loss = reduce(loss_rows, denom, opts.reduction).to(x.dtype)
 
         ctx.backend, ctx.spec, ctx.fused, ctx.consumed = backend, spec, fuse, False
         if fuse:
@@ -270,12 +244,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             if spec.retain:
                 return (*(None if g is None else g * dloss for g in (gi, gw, gb)),
                         None, None, None)
-            if ctx.consumed:
-                raise RuntimeError(
-                    f"{_FN}: backward ran a second time through a loss whose gradients were made "
-                    "in forward and already handed out; compute the loss again, or pass "
-                    "options with allow_retain_graph=True")
-            ctx.consumed = True
+            take_fused_grad(ctx, _FN, "compute the loss again, or pass options with "
+                            "allow_retain_graph=True")
             for g in (gi, gw, gb):
                 if g is not None:
                     _scale_flat(ctx.backend, g, dloss)
@@ -284,7 +254,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         N, V, D = x.shape[0], lw.shape[0], spec.heads
         heads = _heads(x, lw, lb, t, spec)
         dl = dloss.reshape(N, D)
-        launch = _launch_options(spec.opts)
+        launch = launch_options(spec.opts)
 
         def ce_step(k, r0, r1, logits):
             ctx.backend.cross_entropy_bwd(logits, heads[k][2][r0:r1], weight,

@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _checks, _ops
+from ._reduction import acc_dtype, reduce, reduction_scale, take_fused_grad
 
 
 def _flatten(logits, target, prob):
@@ -50,43 +51,13 @@ def _batch_shape(logits):
     return (logits.shape[0],) + tuple(logits.shape[2:])
 
 
-def _reduction_scale(target, weight, opts, prob, N, logits):
-    """(denominator, grad_scale): device tensors, no host sync.
-
-    'mean' divides by the sum of the class weights of the non-ignored rows (their
-    count without weights) for class ids, by N for probabilities; 0 / 0 gives NaN
-    as in torch. 'sum' and 'none' use a scale of 1.
-    """
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    one = torch.ones((), dtype=acc, device=logits.device)
-    if opts.reduction != "mean":
-        return None, one
-    if prob:
-        denom = torch.full((), float(N), dtype=acc, device=logits.device)
-    else:
-        valid = target != opts.ignore_index
-        if weight is None:
-            denom = valid.sum(dtype=acc)
-        else:
-            safe = torch.where(valid, target, torch.zeros_like(target)).long()
-            denom = (weight.to(acc)[safe] * valid).sum()
-    return denom, one / denom
-
-
-def _reduce(loss_rows, denom, reduction):
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    return total if reduction == "sum" else total / denom
-
-
 def _forward(x, t, weight, opts, prob, grad_into):
     """Reduced loss, per-row stats, grad_scale and the fused gradient of 2-D inputs.
 
     grad_into: None (no gradient), "new" (a new tensor), "logits" (overwrite x), or a
     tensor to write the gradient into. N = 0 launches nothing.
     """
-    denom, grad_scale = _reduction_scale(t, weight, opts, prob, x.shape[0], x)
+    denom, grad_scale = reduction_scale(t, weight, opts, prob, x.shape[0], acc_dtype(x), x.device)
     args = (weight, grad_scale, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap)
     grad = None
     if grad_into is None or grad_into == "new":
@@ -97,7 +68,7 @@ def _forward(x, t, weight, opts, prob, grad_into):
     else:
         stats = _ops.cross_entropy_fwd_out(x, t, *args, grad_into)
         grad = grad_into
-    loss = _reduce(stats[0], denom, opts.reduction).to(x.dtype)
+    loss = reduce(stats[0], denom, opts.reduction).to(x.dtype)
     return loss, stats, grad_scale, grad
 
 
@@ -123,13 +94,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dloss):
         if ctx.fused:
-            if ctx.consumed:
-                raise RuntimeError(
-                    f"{ctx.fn}: backward ran a second time through a loss whose gradient was made "
-                    "in forward and already handed out; compute the loss again instead of "
-                    "retain_graph=True")
-            ctx.consumed = True
-            (grad,) = ctx.saved_tensors
+            (grad,) = take_fused_grad(ctx, ctx.fn)
             _ops.scale_grad_(grad, dloss)
             return grad, None, None, None, None, None, None
         x, t, weight, row_max, row_logd, row_s, grad_scale = ctx.saved_tensors
