@@ -241,6 +241,8 @@ def _cross_entropy_fwd_kernel(
             A += dA
         m = m_new
     logd = _log1p(s)
+    # a +inf logit: torch's log-softmax is NaN (inf - inf), whatever chunk it sits in
+    logd = tl.where(m == float("inf"), float("nan"), logd)
     lse = m + logd
 
     # loss = coef_c (lse - z_c) + B + A log d (+ z_loss lse^2)

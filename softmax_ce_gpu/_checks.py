@@ -134,12 +134,24 @@ def check_weight(fn, logits, weight, V):
                          "pass weight.detach()")
 
 
+def as_class_ids(target):
+    """Class ids in a dtype that holds ignore_index: int32/int64 as they are, others as int64.
+
+    The kernels compare int64 ids; host code comparing a uint8 id with -100 would wrap
+    (-100 becomes 156) and disagree with them, so every entry point converts first (O(N)).
+    """
+    if target.dtype in (torch.int32, torch.int64):
+        return target
+    return target.long()
+
+
 def check_class_range(fn, target, V, ignore_index):
     """Class ids outside [0, V) that are not ignore_index.
 
     ValueError on CPU in eager mode; elsewhere (CUDA, or inside torch.compile) a
     device-side assert, which fails the launch instead of synchronising with the host.
     """
+    target = as_class_ids(target)
     bad = ((target < 0) | (target >= V)) & (target != ignore_index)
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         # no host sync on a device, and nothing data-dependent in a compiled graph
@@ -156,7 +168,11 @@ def check_class_range(fn, target, V, ignore_index):
 
 def check_cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                         z_loss, softcap):
-    """All checks of a cross-entropy call. Returns (options, V, is_probability_target)."""
+    """All checks of a cross-entropy call.
+
+    Returns (options, V, is_probability_target, target), the target's class ids converted
+    by as_class_ids.
+    """
     opts = check_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap)
     V = check_logits(fn, logits)
     prob = check_target(fn, logits, target, opts.ignore_index)
@@ -166,5 +182,6 @@ def check_cross_entropy(fn, logits, target, weight, ignore_index, reduction, lab
             raise ValueError(f"{fn}: the gradient with respect to probability 'target' is not "
                              "supported; pass target.detach()")
     else:
+        target = as_class_ids(target)
         check_class_range(fn, target, V, opts.ignore_index)
-    return opts, V, prob
+    return opts, V, prob, target

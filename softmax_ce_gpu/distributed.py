@@ -278,6 +278,7 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
         raise TypeError(f"{fn}: argument 'target' must hold integer class ids; probability "
                         f"targets (dtype {target.dtype}) are not supported")
     _checks.check_target(fn, logits_shard, target, opts.ignore_index)
+    target = _checks.as_class_ids(target)
     x = logits_shard.unsqueeze(0) if logits_shard.dim() == 1 else logits_shard
     t = target.reshape(1) if target.dim() == 0 else target
     loss = _VocabParallelFunction.apply(x, t, opts, group, fn)

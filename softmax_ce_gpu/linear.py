@@ -207,8 +207,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         # device-side denominator over all N * D rows, before any chunk runs
         denom, grad_scale = reduction_scale(t.reshape(-1), weight, opts, spec.prob, N * D, acc,
                                             x.device)
-        fuse = any(spec.need) and opts.reduction != "none"
-        keep_stats = any(spec.need) and opts.reduction == "none"
+        # fp16: gradients at backward time, when the upstream scale is known (see loss.py)
+        fuse = any(spec.need) and opts.reduction != "none" and x.dtype != torch.float16
+        keep_stats = any(spec.need) and not fuse
         loss_rows = torch.empty(D, N, dtype=acc, device=x.device)
         stats = torch.empty(3, D, N, dtype=acc, device=x.device) if keep_stats else None
 
@@ -253,7 +254,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         x, lw, lb, t, weight, stats, grad_scale = ctx.saved_tensors
         N, V, D = x.shape[0], lw.shape[0], spec.heads
         heads = _heads(x, lw, lb, t, spec)
-        dl = dloss.reshape(N, D)
+        dl = dloss.expand(N, D) if dloss.dim() == 0 else dloss.reshape(N, D)
         launch = launch_options(spec.opts)
 
         def ce_step(k, r0, r1, logits):
@@ -418,6 +419,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     _checks.check_weight(_FN, input, weight, V)
     chunk_size = _check_chunk(chunk_size, options)
     if not prob:
+        target = _checks.as_class_ids(target)
         _checks.check_class_range(_FN, target, V, opts.ignore_index)
 
     if weight is not None:

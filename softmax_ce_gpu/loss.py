@@ -7,7 +7,7 @@ Gradient strategy:
 - reduction 'mean' or 'sum' with a gradient needed: the forward kernel writes the
   gradient of the reduced loss while each row is still in L2 (fused); backward
   only multiplies it by the upstream scalar, a no-op decided on the device when
-  that scalar is 1.
+  that scalar is 1. Not for fp16 logits (see _late_scale), which take the next path.
 - reduction 'none', or no gradient needed: forward saves the per-row max, log d
   and S (12 bytes a row); backward reads the logits once and writes the gradient
   times the per-row upstream gradient.
@@ -72,11 +72,21 @@ def _forward(x, t, weight, opts, prob, grad_into):
     return loss, stats, grad_scale, grad
 
 
+def _late_scale(x):
+    """fp16 gradients are made at backward time, once the upstream gradient is known.
+
+    A fused fp16 gradient would be rounded as (p - y) / N before a loss scaler's factor
+    multiplies it, flushing every entry below fp16's smallest subnormal (6e-8) to zero;
+    torch applies the upstream gradient before the cast. bf16 has fp32's exponent range.
+    """
+    return x.dtype == torch.float16
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, weight, opts, prob, inplace_backward, fn):
         need_grad = ctx.needs_input_grad[0]
-        fuse = need_grad and opts.reduction != "none"
+        fuse = need_grad and opts.reduction != "none" and not _late_scale(x)
         grad_into = ("logits" if inplace_backward else "new") if fuse else None
         loss, (_, row_max, row_logd, row_s), grad_scale, grad = _forward(x, t, weight, opts, prob,
                                                                          grad_into)
@@ -139,8 +149,9 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mea
     logit -inf (vocabulary padding) contributes 0 to the loss, where torch gives NaN.
     """
     fn = "cross_entropy"
-    opts, _, prob = _checks.check_cross_entropy(fn, logits, target, weight, ignore_index,
-                                                reduction, label_smoothing, z_loss, softcap)
+    opts, _, prob, target = _checks.check_cross_entropy(fn, logits, target, weight, ignore_index,
+                                                        reduction, label_smoothing, z_loss,
+                                                        softcap)
     _checks.check_bool(fn, "inplace_backward", inplace_backward)
     x, t = _flatten(logits, target, prob)
     loss = _CrossEntropyFunction.apply(x, t, weight, opts, prob, inplace_backward, fn)
@@ -159,8 +170,9 @@ def cross_entropy_with_grad(logits, target, weight=None, ignore_index=-100, redu
     not otherwise overlap them.
     """
     fn = "cross_entropy_with_grad"
-    opts, _, prob = _checks.check_cross_entropy(fn, logits, target, weight, ignore_index,
-                                                reduction, label_smoothing, z_loss, softcap)
+    opts, _, prob, target = _checks.check_cross_entropy(fn, logits, target, weight, ignore_index,
+                                                        reduction, label_smoothing, z_loss,
+                                                        softcap)
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"{fn}: argument 'out' must be a torch.Tensor or None, "

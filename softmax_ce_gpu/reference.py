@@ -64,7 +64,9 @@ def _row_stats(z):
     e = torch.exp(z - m_ref[:, None])
     first_max = z.argmax(dim=1, keepdim=True)
     s = e.scatter(1, first_max, 0.0).sum(dim=1) - (m == float("-inf")).to(e.dtype)
-    return m, torch.log1p(s)
+    logd = torch.log1p(s)
+    # a +inf logit: torch's log-softmax is NaN (inf - inf)
+    return m, torch.where(m == float("inf"), torch.full_like(logd, float("nan")), logd)
 
 
 def _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, target=None, coef_c=None):

@@ -263,3 +263,41 @@ def test_no_host_sync_on_cuda():
             finally:
                 torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
+
+
+def test_uint8_class_ids_above_127_are_not_ignore_index():
+    """-100 in uint8 would wrap to 156: the host and the kernel must both see class 156."""
+    x, _, _ = make_case(3, 200, torch.float32)
+    t = torch.tensor([156, 3, 7], device=DEVICE)
+    for reduction in ("mean", "none"):
+        ref, _ = reference(x, t, reduction=reduction)
+        assert_close(sc.cross_entropy(x, t.to(torch.uint8), reduction=reduction), ref,
+                     torch.float32)
+
+
+def test_fp16_gradient_survives_a_loss_scale():
+    """With a GradScaler-like upstream gradient, fp16 entries of size (p / N) * scale must
+    not be flushed to zero by rounding p / N to fp16 before the scale is applied."""
+    N, V, scale = 1024, 16, 16384.0
+    x = torch.randn(N, V, device=DEVICE)
+    t = torch.randint(0, V, (N,), device=DEVICE)
+    x[torch.arange(N), t] = 12.0
+    x = x.half()
+    xg = x.clone().requires_grad_()
+    (sc.cross_entropy(xg, t) * scale).backward()
+    ref, x64 = reference(x, t)
+    (ref * scale).backward()
+    representable = x64.grad.abs() > 1e-7  # above fp16's smallest subnormal, 6e-8
+    assert (xg.grad[representable] != 0).all()
+    assert_close(xg.grad, x64.grad, torch.float16)
+
+
+def test_plus_inf_logit_gives_nan_like_torch():
+    for V in (3, 5000):  # the +inf in the only chunk, or in an early one
+        x = torch.randn(2, V, device=DEVICE)
+        x[0, 1] = float("inf")
+        t = torch.tensor([0, 2], device=DEVICE)
+        loss = sc.cross_entropy(x, t, reduction="none")
+        ref = F.cross_entropy(x.double(), t, reduction="none")
+        assert torch.isnan(loss[0]) and torch.isnan(ref[0])
+        assert_close(loss[1:], ref[1:], torch.float32)
