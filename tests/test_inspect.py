@@ -1,0 +1,192 @@
+"""Compiled-code evidence of DESIGN.md sections 3 and 5, with no GPU.
+
+Every launch the dispatcher can make (kernel x option set x dtype x V in
+{32000, 50257, 128256, 256000}, BLOCK_V/num_warps from kernels.tuning through
+the launchers themselves) is compiled ahead of time for sm_90 and sm_80 by
+``softmax-ce-bench inspect`` (bench/aot.py: Triton's own specialization rules,
+triton.compile, the wheel's ptxas and cuobjdump), once per test session, in a
+child process without TRITON_INTERPRET. The tests read its JSON records.
+
+Option sets: 'plain' (class ids, no option: the LLM case), 'ids+all' (class ids
+with weight, label smoothing, z-loss and softcap) and 'probs+all' (all five
+flags), each for the forward ('fwd'), fused ('fused') and backward-time ('bwd')
+kernels, plus scale_grad ('scale').
+
+Register budget: at most 65536 / (2 x 32 x num_warps) registers per thread
+(64 at 16 warps, 128 at 8, capped at 255), so that two programs stay resident
+on each SM. One program keeps one chunk of BLOCK_V logits (16 KiB) in flight;
+Little's law at the H200's ~4.3 TB/s and ~0.8 us DRAM latency asks for about
+3.4 MB in flight over 132 SMs, ~26 KB per SM: one resident program (16 KiB)
+falls short, two (32 KiB) cover it (sm_80: ~2 TB/s over 108 SMs, ~13 KB/SM).
+
+Vector width: the JIT marks V and the row strides divisible by 16 when they are
+(and pointers from torch are 16-byte aligned), and only then can a row's chunks
+be moved in 16-byte accesses. So 128-bit loads/stores are required when V and
+the row stride are multiples of 16 elements (32000, 128256, 256000); V = 50257
+is reported (scalar accesses), not required.
+"""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+try:
+    from softmax_ce_gpu.bench import aot
+    from softmax_ce_gpu.bench import inspect as bench_inspect
+except ImportError:  # before bench/ is installed as softmax_ce_gpu.bench: run from the repo root
+    from bench import aot
+    from bench import inspect as bench_inspect
+
+ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+GROUPS = sorted({(c.kernel, c.options) for c in aot.configs()})
+
+
+def _triton_version():
+    import triton
+
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0)
+                 for p in triton.__version__.split(".")[:2])
+
+
+OLD_PTXAS = _triton_version() < (3, 7)  # triton 3.6 ships CUDA 12.x ptxas; 3.9 CUDA 13's
+
+# Rules the compiled code breaks today, with the evidence (reported to the kernel owners,
+# not fixed here). Keys: (path, options, rows) with rows 'aligned' (V and row stride
+# multiples of 16) or 'unaligned' (V = 50257); values: (condition, reason). Not strict:
+# the outcome depends on the ptxas of the installed triton.
+KNOWN_SPILLS = {
+    ("fused", "ids+all", "unaligned"): (True, "V=50257, all options: 8-16 B spilled on sm_80 "
+                                              "(fp16/bf16), at 80 registers of a 128 budget"),
+    ("fused", "probs+all", "unaligned"): (True, "V=50257, all options: ptxas parks one value "
+                                                "in local memory for the whole row (one STL "
+                                                "and one LDL per program, outside the loops)"),
+}
+KNOWN_OVER_BUDGET = {}
+ROWS = ("aligned", "unaligned")
+
+
+def _cases(known, rows=ROWS):
+    out = []
+    for g in GROUPS:
+        for r in rows:
+            key = g + (r,)
+            marks = []
+            if key in known:
+                condition, reason = known[key]
+                marks = [pytest.mark.xfail(condition, reason=reason, strict=False)]
+            out.append(pytest.param(key, id="-".join(key), marks=marks))
+    return out
+
+
+@pytest.fixture(scope="module")
+def inspected(tmp_path_factory):
+    """(records, dump dir) of one `inspect --json --dump` run over every configuration."""
+    out = tmp_path_factory.mktemp("inspect")
+    path, dump = out / "records.json", out / "dump"
+    rc = bench_inspect.main(["--json", str(path), "--dump", str(dump),
+                             "--jobs", str(os.cpu_count() or 1)])
+    assert rc == 0
+    with open(path) as f:
+        doc = json.load(f)
+    return doc["records"], dump
+
+
+def _aligned(rec):
+    return rec["V"] % 16 == 0 and rec["row_stride"] % 16 == 0
+
+
+def _of(records, case):
+    path, options, rows = case
+    sel = [r for r in records if (r["path"], r["options"]) == (path, options)
+           and _aligned(r) == (rows == "aligned")]
+    assert sel, case
+    return sel
+
+
+def test_every_dispatcher_configuration_is_compiled(inspected):
+    from softmax_ce_gpu.kernels.tuning import row_config
+
+    records, dump = inspected
+    expected = {(c.kernel, c.options, c.dtype, c.V, arch) for c in aot.configs()
+                for arch in aot.ARCHS}
+    got = [(r["path"], r["options"], r["dtype"], r["V"], r["arch"]) for r in records]
+    assert sorted(got) == sorted(expected)
+    for r in records:
+        # the launch configuration is the tuning table's, as the launcher applied it
+        heavy = r["options"] not in ("plain", "-")
+        assert (r["block"], r["num_warps"]) == row_config(r["V"], ELEMENT_SIZE[r["dtype"]],
+                                                          heavy=heavy), r
+        assert r["registers"] > 0 and r["registers"] == r["reg_res_usage"], r
+        # the JIT's divisibility hints: V and the row strides exactly when divisible by 16
+        assert ("V" in r["div16"]) == (r["V"] % 16 == 0), r
+        with open(dump / (r["name"] + ".cubin"), "rb") as f:
+            assert f.read(4) == b"\x7fELF"
+        assert (dump / (r["name"] + ".sass")).stat().st_size > 0
+
+
+@pytest.mark.parametrize("case", _cases(KNOWN_SPILLS))
+def test_no_spills_no_local_memory(inspected, case):
+    bad = [(r["name"], r["registers"], r["spills"], r["local_bytes"], r["ldl"], r["stl"])
+           for r in _of(inspected[0], case)
+           if r["spills"] or r["local_bytes"] or r["ldl"] or r["stl"]]
+    assert not bad, f"(name, registers, spill bytes, local bytes, LDL, STL): {bad}"
+
+
+@pytest.mark.parametrize("case", _cases(KNOWN_OVER_BUDGET))
+def test_registers_keep_two_programs_per_sm(inspected, case):
+    bad = []
+    for r in _of(inspected[0], case):
+        budget = min(255, 65536 // (2 * 32 * r["num_warps"]))
+        if r["registers"] > budget:
+            bad.append((r["name"], r["registers"], budget))
+    assert not bad, f"(name, registers, budget): {bad}"
+
+
+@pytest.mark.parametrize("case", _cases({}, rows=("aligned",)))
+def test_aligned_rows_move_in_16_byte_accesses(inspected, case):
+    """Each sweep of a chunk needs BLOCK_V * b / threads bytes per thread, that is
+    that many / 16 LDG.128 (STG.128 for the gradient); the narrow accesses left are the
+    per-row scalars only (loads: class id, its logit, w_c, the saved row stats, the
+    upstream gradient and scale, at most 10; stores: the 4 row statistics)."""
+    reads, writes = aot.PATH_SWEEPS[case[0]]
+    checked = 0
+    for r in _of(inspected[0], case):
+        threads = 32 * r["num_warps"]
+        per_thread = r["block"] * ELEMENT_SIZE[r["dtype"]] // threads
+        assert r["ldg128"] >= reads * per_thread // 16, r
+        assert r["stg128"] >= writes * per_thread // 16, r
+        assert r["ldg_other"] <= 10 and r["stg_other"] <= 4, r
+        checked += 1
+    assert checked
+
+
+def test_unaligned_vocab_is_reported(inspected):
+    """V = 50257 (GPT-2): no divisibility hint, so every access is a scalar one. The
+    records say so; the table in the final report gives the cost."""
+    odd = [r for r in inspected[0] if r["V"] == 50257]
+    assert odd and all(r["ldg128"] == 0 and r["stg128"] == 0 for r in odd)
+
+
+def test_sass_and_ptxas_parsers():
+    sass = """
+        /*0100*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0110*/              @!P0 LDG.E.U16 R7, desc[UR4][R6.64] ;
+        /*0120*/                   LDGSTS.E.BYPASS.LTC128B.128 [R3], desc[UR4][R4.64] ;
+        /*0130*/               @P1 STG.E.128 desc[UR4][R8.64], R12 ;
+        /*0140*/                   STG.E desc[UR4][R8.64], R12 ;
+        /*0150*/                   STL [R1+0x4], R8 ;
+        /*0160*/                   LDL.LU R19, [R1+0x4] ;
+        /*0170*/                   LDS R3, [R2] ;
+    """
+    c = aot.memory_ops(aot.sass_opcodes(sass))
+    assert c == dict(ldg128=2, ldg_other=1, stg128=1, stg_other=1, ldl=1, stl=1, ldgsts=1)
+    log = ("ptxas info    : Function properties for k\n"
+           "    16 bytes stack frame, 16 bytes spill stores, 20 bytes spill loads\n"
+           "ptxas info    : Used 64 registers, used 1 barriers, 16 bytes cumulative stack size\n")
+    assert aot.parse_ptxas(log) == dict(registers=64, spills=36, stack=16)
+    usage = aot.parse_res_usage(" Function k:\n  REG:40 STACK:8 SHARED:1024 LOCAL:0 "
+                                "CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0")
+    assert usage == dict(reg=40, stack=8, shared=1024, local=0)
