@@ -52,14 +52,16 @@ def _load_z(row_ptr, cols, mask, stride_col, softcap, HAS_SOFTCAP: tl.constexpr)
 
     Returns (z, dz/dx). The softcap uses tanh(u) = sign(u) (1 - e^{-2|u|}) / (1 + e^{-2|u|}),
     which neither overflows nor loses the sign; a -inf logit (vocabulary padding)
-    stays -inf and gets derivative 0.
+    stays -inf and gets derivative 0. No IEEE division per element: x / c is a multiply
+    by 1 / c (one scalar division per call) and the quotient an approximate division
+    (2 ulp, see _div), whose error stays below the fp32 rounding of c * tanh.
     """
     x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=float("-inf"))
     x = x.to(tl.float32)
     if HAS_SOFTCAP:
-        u = x / softcap
+        u = x * _div(1.0, softcap)
         e = tl.exp(-2.0 * tl.abs(u))
-        t = (1.0 - e) / (1.0 + e)
+        t = _div(1.0 - e, 1.0 + e)
         t = tl.where(u < 0.0, -t, t)
         is_pad = x == float("-inf")
         z = tl.where(is_pad, x, softcap * t)
@@ -71,17 +73,24 @@ def _load_z(row_ptr, cols, mask, stride_col, softcap, HAS_SOFTCAP: tl.constexpr)
 
 
 @triton.jit
+def _div(a, b):
+    """a / b to 2 ulp without IEEE division's slow-path call (whose call frame shows up as
+    local memory in the SASS); every quotient here is a scalar of an fp32 formula."""
+    return tl.fdiv(a * 1.0, b * 1.0, ieee_rounding=False)  # * 1.0: fdiv takes floats only
+
+
+@triton.jit
 def _log1p(s):
     """log(1 + s), accurate for small s (Goldberg: log(u) * s / (u - 1) with u = 1 + s)."""
     u = 1.0 + s
-    return tl.where(u == 1.0, s, tl.log(u) * (s / (u - 1.0)))
+    return tl.where(u == 1.0, s, tl.log(u) * _div(s, u - 1.0))
 
 
 @triton.jit
 def _expm1(x):
     """exp(x) - 1, accurate for small x (Kahan: (u - 1) * x / log(u) with u = exp(x))."""
     u = tl.exp(x)
-    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (x / tl.log(u))))
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * _div(x, tl.log(u))))
 
 
 @triton.jit
@@ -95,9 +104,9 @@ def _dense_target(t_row_ptr, weight_ptr, cols, mask, stride_t_col, label_smoothi
     """The dense part a_j of the target row for a chunk of columns (0 on masked lanes)."""
     if PROB_TARGET:
         t = tl.load(t_row_ptr + cols.to(tl.int64) * stride_t_col, mask=mask, other=0.0)
-        a = (1.0 - label_smoothing) * t.to(tl.float32) + label_smoothing / V
+        a = (1.0 - label_smoothing) * t.to(tl.float32) + _div(label_smoothing, V)
     else:
-        a = tl.zeros(cols.shape, tl.float32) + label_smoothing / V
+        a = tl.zeros(cols.shape, tl.float32) + _div(label_smoothing, V)
     if HAS_WEIGHT:
         a = a * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return tl.where(mask, a, 0.0)
@@ -148,7 +157,7 @@ def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
         u_c = (z_c - m) - logd
         g_c = coef_c * _expm1(u_c) + tl.exp(u_c) * (coef_p - coef_c)
         if HAS_SMOOTHING:
-            g_c -= label_smoothing / V * w_c
+            g_c -= _div(label_smoothing, V) * w_c
         g_c = g_c * scale
         if HAS_SOFTCAP:
             g_c = g_c * dz_c
@@ -348,6 +357,7 @@ def _scale_grad_kernel(
 
 
 def _flags(target, weight, label_smoothing, z_loss, softcap):
+    """The option constexprs of a launch."""
     return dict(
         HAS_WEIGHT=weight is not None,
         PROB_TARGET=target.is_floating_point(),
@@ -385,7 +395,8 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     if not fuse:
         grad = logits  # not written: FUSE_GRAD=False
         grad_scale = row_s
-    block, num_warps = row_config(V, logits.element_size())
+    flags = _flags(target, weight, label_smoothing, z_loss, softcap)
+    block, num_warps = row_config(V, logits.element_size(), heavy=any(flags.values()))
     stride_t_row, stride_t_col = _target_strides(target)
     _cross_entropy_fwd_kernel[(N,)](
         logits, target, weight if weight is not None else row_s, loss, row_max, row_logd, row_s,
@@ -394,8 +405,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
         grad.stride(0), grad.stride(1),
         V,
         ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
-        FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps,
-        **_flags(target, weight, label_smoothing, z_loss, softcap),
+        FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, **flags,
     )
     return loss, row_max, row_logd, row_s
 
@@ -409,7 +419,8 @@ def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, g
     grad_scale () fp32; grad (N, V) of the logits' dtype (it may be the logits themselves).
     """
     N, V = logits.shape
-    block, num_warps = row_config(V, logits.element_size())
+    flags = _flags(target, weight, label_smoothing, z_loss, softcap)
+    block, num_warps = row_config(V, logits.element_size(), heavy=any(flags.values()))
     stride_t_row, stride_t_col = _target_strides(target)
     stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
     _cross_entropy_bwd_kernel[(N,)](
@@ -419,8 +430,7 @@ def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, g
         grad.stride(0), grad.stride(1), stride_dloss,
         V,
         ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
-        BLOCK_V=block, num_warps=num_warps,
-        **_flags(target, weight, label_smoothing, z_loss, softcap),
+        BLOCK_V=block, num_warps=num_warps, **flags,
     )
     return grad
 

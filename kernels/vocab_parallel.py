@@ -177,7 +177,8 @@ def vocab_parallel_fwd(logits, target, shard, *, ignore_index, label_smoothing, 
     """
     N, W = logits.shape
     part = torch.empty((4, N), dtype=torch.float32, device=logits.device)
-    block, num_warps = row_config(W, logits.element_size())
+    block, num_warps = row_config(W, logits.element_size(),
+                                  heavy=label_smoothing > 0.0 or softcap is not None)
     _vocab_parallel_fwd_kernel[(N,)](
         logits, target, shard, part,
         logits.stride(0), logits.stride(1), target.stride(0),
@@ -198,7 +199,8 @@ def vocab_parallel_bwd(logits, target, shard, row_max, row_logd, dloss, grad_sca
     () fp32; grad (N, W) of the logits' dtype (it may be the logits themselves).
     """
     N, W = logits.shape
-    block, num_warps = row_config(W, logits.element_size())
+    block, num_warps = row_config(W, logits.element_size(),
+                                  heavy=label_smoothing > 0.0 or z_loss > 0.0 or softcap is not None)
     stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
     _vocab_parallel_bwd_kernel[(N,)](
         logits, target, shard, row_max, row_logd, dloss, grad_scale, grad,
