@@ -7,8 +7,10 @@ and add it to OPS below; the CLI, harness, table, JSON and plot need no change.
 import torch
 
 from .op_cross_entropy import CROSS_ENTROPY
+from .op_linear_cross_entropy import LINEAR_CROSS_ENTROPY
+from .op_softmax import LOG_SOFTMAX, SOFTMAX
 
-OPS = {op.name: op for op in (CROSS_ENTROPY,)}
+OPS = {op.name: op for op in (CROSS_ENTROPY, SOFTMAX, LOG_SOFTMAX, LINEAR_CROSS_ENTROPY)}
 
 # the provider every speed-up is measured against
 BASELINE = "torch"

@@ -22,7 +22,8 @@ REQUIRED_KEYS = {"provider", "op", "mode", "dtype", "n", "v", "ms", "ms_p20", "m
                  "copy_gbps", "fraction_of_copy_bw", "speedup_vs_torch", "peak_extra_mb",
                  "max_rel_err", "device", "torch", "triton", "git", "date", "status", "reason"}
 
-FAST = ["--device", "cpu", "--shapes", "8x64", "--dtypes", "fp32", "--warmup", "1", "--rep", "5"]
+FAST = ["--device", "cpu", "--shapes", "8x64", "--dtypes", "fp32", "--warmup", "1", "--rep", "5",
+        "--ops", "cross_entropy"]
 
 
 def _have_matplotlib():
@@ -255,3 +256,14 @@ def test_inspect_missing_module_exits_2(monkeypatch, capsys):
 def test_default_output_is_bench_results_of_the_device():
     out = cli._default_out("NVIDIA H200")
     assert out.parts[-3:] == ("bench", "results", "NVIDIA_H200")
+
+
+def test_other_ops_are_checked_and_timed(tmp_path):
+    """softmax, log_softmax and linear_cross_entropy run through the same harness."""
+    rc = cli.main(FAST[:-2] + ["--ops", "softmax,log_softmax,linear_cross_entropy",
+                               "--providers", "softmax_ce_gpu,torch", "--out", str(tmp_path)])
+    assert rc == 0
+    records = json.loads((tmp_path / "results.json").read_text())
+    got = {(r["op"], r["provider"], r["mode"]) for r in records if r["status"] == "ok"}
+    assert got == {(op, p, m) for op in ("softmax", "log_softmax", "linear_cross_entropy")
+                   for p in ("softmax_ce_gpu", "torch") for m in ("fwd", "fwd+bwd")}
