@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One lease on the GPU machine (issue "prove it on the GPU"), about 8 minutes:
+#   versions -> the whole test suite on the GPU -> tuning sweep of the fused kernel ->
+#   softmax-ce-bench at DESIGN.md section 5's shapes. Everything lands under $OUT.
+# Run from the repository root:  bash bench/gpu_session.sh
+# Carry Liger-Kernel as a wheel in .whl/ (the device README says how); without it the
+# liger provider is recorded as skipped. DRYRUN=1 runs every step at toy sizes on CPU.
+set -uo pipefail
+REPO=$(pwd)
+OUT=${OUT:-$REPO/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+step() { printf '\n===== %s (%s)\n' "$1" "$(date -u +%T)"; }
+
+step "install"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# the package without pip: softmax_ce_gpu/ with kernels/ and bench/ mapped in, as setuptools does
+SHIM=/tmp/sce_shim
+rm -rf "$SHIM" && mkdir -p "$SHIM/softmax_ce_gpu"
+ln -s "$REPO"/softmax_ce_gpu/*.py "$SHIM/softmax_ce_gpu/"
+ln -s "$REPO/kernels" "$SHIM/softmax_ce_gpu/kernels"
+ln -s "$REPO/bench" "$SHIM/softmax_ce_gpu/bench"
+export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
+cd /tmp  # so that the repo's softmax_ce_gpu/ (without kernels/) does not shadow the shim
+
+step "versions"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  $PY -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| numpy', numpy.__version__); print('cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+  git -C "$REPO" log -1 --format='git %H %cd' 2>/dev/null
+} | tee "$OUT/versions.txt"
+
+if [ "${DRYRUN:-0}" = 1 ]; then
+    TESTS="$REPO/tests/test_bad_input.py"; SHAPES_BF16=8x300,4x1000; SHAPES_FP32=8x300; DEVICE=cpu
+else
+    TESTS="$REPO/tests"; SHAPES_BF16=8192x128256,4096x256000,32768x32000,16384x128256
+    SHAPES_FP32=32768x32000; DEVICE=cuda
+fi
+
+step "tests"
+timeout 240 $PY -m pytest "$TESTS" -q -x -p no:cacheprovider -n 4 2>&1 | tee "$OUT/pytest.log" | tail -15 \
+  || timeout 240 $PY -m pytest "$TESTS" -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+
+step "tuning sweep"
+if [ "$DEVICE" = cuda ]; then
+    timeout 150 $PY -m softmax_ce_gpu.bench.sweep --shapes 8192x128256,4096x256000,32768x32000 \
+        --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -5
+fi
+
+step "benchmark"
+PROVIDERS=softmax_ce_gpu,softmax_ce_gpu_inplace,torch,torch_compile,liger
+timeout 240 $PY -m softmax_ce_gpu.bench.cli --device $DEVICE --ops cross_entropy --dtypes bf16 \
+    --shapes $SHAPES_BF16 --providers $PROVIDERS --out "$OUT/bench_bf16" 2>"$OUT/bench_bf16.err" \
+    | tee "$OUT/bench_bf16.txt" | tail -30
+timeout 90 $PY -m softmax_ce_gpu.bench.cli --device $DEVICE --ops cross_entropy --dtypes fp32 \
+    --shapes $SHAPES_FP32 --providers $PROVIDERS --out "$OUT/bench_fp32" 2>"$OUT/bench_fp32.err" \
+    | tee "$OUT/bench_fp32.txt" | tail -8
+step "done"
