@@ -110,15 +110,15 @@ import softmax_ce_gpu as sc
 from test_cross_entropy import reference
 from helpers import assert_close
 torch.manual_seed(0)
-V, stride, dev = 64, 2 ** 30 + 16, {device!r}
+N, V, big, dev = {N}, {V}, 2 ** 30 + 16, {device!r}
 try:
-    storage = torch.empty(4 * stride + V, dtype=torch.bfloat16, device=dev)
+    storage = torch.empty(4 * big + 64 + N * V, dtype=torch.bfloat16, device=dev)
 except (RuntimeError, MemoryError):
     print("NO-MEMORY"); sys.exit(0)
-x = storage.as_strided((5, V), (stride, 1))
-x.copy_(torch.randn(5, V, device=dev).bfloat16())
-storage[64:64 + V] = 50.0  # where a wrapped int32 offset of row 4 would land
-t = torch.randint(0, V, (5,), device=dev)
+x = storage.as_strided((N, V), {strides})
+x.copy_(torch.randn(N, V, device=dev).bfloat16())
+storage[64:64 + V] = 50.0  # where a wrapped int32 offset of index 4 would land
+t = torch.randint(0, V, (N,), device=dev)
 loss, grad = sc.cross_entropy_with_grad(x, t, reduction="none")
 ref, x64 = reference(x.clone(), t, reduction="none")
 ref.sum().backward()
@@ -128,18 +128,22 @@ print("OK")
 """
 
 
-def test_int64_row_offsets():
-    """Rows start at k * (2^30 + 16) elements: past row 1 an int32 offset wraps.
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_int64_offsets(layout):
+    """Rows (or columns) k * (2^30 + 16) elements apart: past index 1 an int32 offset wraps.
 
-    An int32 row offset makes row 2 negative (a crash) or row 4 land on row 0's data
+    An int32 offset makes index 2 negative (a crash) or index 4 land on index 0's data
     (a wrong answer), so the case runs in a child process that must print OK. The 8 GiB
-    storage is reserved, never touched beyond the rows written.
+    storage is reserved, never touched beyond the elements written.
     """
     import os
     import subprocess
     import sys
 
-    script = _INT64_SCRIPT.format(tests=os.path.dirname(__file__), device=DEVICE)
+    big = 2 ** 30 + 16
+    N, V, strides = (5, 64, (big, 1)) if layout == "rows" else (3, 5, (1, big))
+    script = _INT64_SCRIPT.format(tests=os.path.dirname(__file__), device=DEVICE, N=N, V=V,
+                                  strides=strides)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=600)
     if "NO-MEMORY" in run.stdout:
