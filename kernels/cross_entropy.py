@@ -20,10 +20,21 @@ In the kernels y is split into a sparse part (the coefficient (1 - e) w_c at
 column c) and a dense part a_j (everything else); the dense part is only swept
 when there is one (label smoothing or probability targets).
 
+The first sweep keeps m and d per lane of the BLOCK_V-wide chunk (lane l sees
+columns l, l + BLOCK_V, ...): its own max m_l and s_l = d_l - 1 relative to it,
+one exp per element and no block reduction inside the loop. After the loop the
+lanes combine like shards of the row, s = d - 1 with the exp(0) = 1 of one max
+element never added, so that log d = log1p(s) and 1 - p_max keep their digits
+when the prediction is confident.
+
 The loss is accumulated without cancellation: sum_j a_j (lse - z_j) is kept as
 B + A log d with A = sum_j a_j and B = sum_j a_j (m - z_j) >= 0, B rescaled
-when the running max m grows. The row's max and log d are saved separately,
-so that p_j = exp((z_j - m) - log d) stays accurate for logits of any size.
+when the running max m grows (options only: one block max and one block sum per
+chunk). The row's max and log d are saved separately, so that
+p_j = exp((z_j - m) - log d) stays accurate for logits of any size.
+
+Exponentials are exp2 of an argument scaled by log2 e (one MUFU.EX2, flushing
+results below 2^-126 to zero), except for a few per-row scalars.
 
 Bytes per row, b = element size of the logits, for class-index targets:
 
@@ -45,6 +56,9 @@ import triton.language as tl
 
 from .tuning import row_config
 
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): exp2 is one MUFU.EX2
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
 
 @triton.jit
 def _load_z(row_ptr, cols, mask, stride_col, softcap, HAS_SOFTCAP: tl.constexpr):
@@ -52,17 +66,18 @@ def _load_z(row_ptr, cols, mask, stride_col, softcap, HAS_SOFTCAP: tl.constexpr)
 
     Returns (z, dz/dx). The softcap uses tanh(u) = sign(u) (1 - e^{-2|u|}) / (1 + e^{-2|u|}),
     which neither overflows nor loses the sign; a -inf logit (vocabulary padding)
-    stays -inf and gets derivative 0. No IEEE division per element: x / c is a multiply
-    by 1 / c (one scalar division per call) and the quotient an approximate division
-    (2 ulp, see _div), whose error stays below the fp32 rounding of c * tanh.
+    stays -inf and gets derivative 0. No IEEE division per element: -2 |x| / c is a
+    multiply by a scalar (one scalar division per call) and the quotient an approximate
+    division (2 ulp, see _div), whose error stays below the fp32 rounding of c * tanh.
     """
     x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=float("-inf"))
     x = x.to(tl.float32)
     if HAS_SOFTCAP:
-        u = x * _div(1.0, softcap)
-        e = tl.exp(-2.0 * tl.abs(u))
+        # e = exp(-2 |x| / c) = exp2(|x| k): one FMUL into the MUFU (exp2 flushes an e
+        # below 2^-126 to 0, where t = 1 exactly anyway)
+        e = tl.math.exp2(tl.abs(x) * _div(-2.0 * _LOG2E, softcap))
         t = _div(1.0 - e, 1.0 + e)
-        t = tl.where(u < 0.0, -t, t)
+        t = tl.where(x < 0.0, -t, t)
         is_pad = x == float("-inf")
         z = tl.where(is_pad, x, softcap * t)
         dz = tl.where(is_pad, 0.0, 1.0 - t * t)
@@ -96,6 +111,11 @@ def _expm1(x):
 @triton.jit
 def _add2(a0, b0, a1, b1):
     return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
 
 
 @triton.jit
@@ -145,14 +165,16 @@ def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
     The target column c of a class-index row is computed once, as a scalar:
     p_c (S') - (1 - e) w_c - a_c = (1 - e) w_c (p_c - 1) + p_c (S' - (1 - e) w_c) - a_c
     with p_c - 1 = expm1(z_c - lse), so that a confident prediction (p_c -> 1) keeps the
-    digits of 1 - p_c that p_c - 1 in fp32 would cancel away.
-    An ignored row writes zeros without reading its logits (its loads are masked off).
+    digits of 1 - p_c that p_c - 1 in fp32 would cancel away; only the chunk that holds
+    c compares columns with it. An ignored row takes a loop that stores zeros and reads
+    nothing.
     """
     lse = m + logd
-    n_read = tl.where(valid, V, 0)  # an ignored row reads nothing
     coef_p = S
     if HAS_Z_LOSS:
         coef_p = S + tl.where(valid, 2.0 * z_loss * lse, 0.0)
+    c32 = c.to(tl.int32)  # in [0, V) or -1 (no column): cols are int32
+    g_c = 0.0
     if not PROB_TARGET:
         u_c = (z_c - m) - logd
         g_c = coef_c * _expm1(u_c) + tl.exp(u_c) * (coef_p - coef_c)
@@ -161,23 +183,34 @@ def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
         g_c = g_c * scale
         if HAS_SOFTCAP:
             g_c = g_c * dz_c
-    for off in range(0, V, BLOCK_V):
-        cols = off + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        z, dz = _load_z(x_row_ptr, cols, cols < n_read, stride_x_col, softcap, HAS_SOFTCAP)
-        p = tl.exp((z - m) - logd)
-        g = p * coef_p
-        if PROB_TARGET or HAS_SMOOTHING:
-            g -= _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col, label_smoothing,
-                               V, HAS_WEIGHT, PROB_TARGET)
-        g = g * scale
-        if HAS_SOFTCAP:
-            g = g * dz
-        if not PROB_TARGET:
-            g = tl.where(cols == c, g_c, g)
-        g = tl.where(valid, g, 0.0)
-        tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col, g.to(g_row_ptr.dtype.element_ty),
-                 mask=in_row)
+    if valid:
+        # p_j = exp2((z_j - m) log2 e - log d log2 e): z_j - m is exact near the max (where
+        # p_j is large), the rest one FFMA into the MUFU
+        logd2 = logd * _LOG2E
+        k = coef_p * scale
+        for off in range(0, V, BLOCK_V):
+            cols = off + tl.arange(0, BLOCK_V)
+            in_row = cols < V
+            z, dz = _load_z(x_row_ptr, cols, in_row, stride_x_col, softcap, HAS_SOFTCAP)
+            p = tl.math.exp2((z - m) * _LOG2E - logd2)
+            if PROB_TARGET or HAS_SMOOTHING:
+                a = _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col,
+                                  label_smoothing, V, HAS_WEIGHT, PROB_TARGET)
+                g = (p * coef_p - a) * scale
+            else:
+                g = p * k
+            if HAS_SOFTCAP:
+                g = g * dz
+            if not PROB_TARGET:
+                if (c32 >= off) & (c32 < off + BLOCK_V):  # a scalar test: one chunk of the row
+                    g = tl.where(cols == c32, g_c, g)
+            tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col,
+                     g.to(g_row_ptr.dtype.element_ty), mask=in_row)
+    else:
+        for off in range(0, V, BLOCK_V):
+            cols = off + tl.arange(0, BLOCK_V)
+            tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col,
+                     tl.zeros([BLOCK_V], g_row_ptr.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
@@ -219,36 +252,51 @@ def _cross_entropy_fwd_kernel(
                                                ignore_index, label_smoothing, HAS_WEIGHT)
 
     n_read = tl.where(valid, V, 0)  # an ignored row reads nothing
-    m = -float("inf")
-    # s = d - 1, d = sum_j exp(z_j - m): the exp(0) = 1 of one max element is never added, so
-    # log d = log1p(s) and 1 - p_max keep their digits when the prediction is confident
-    s = -1.0
+    # Per-lane state: lane l sees one element of each chunk and keeps its own running max
+    # m_l and s_l = d_l - 1 relative to it (d_l = sum over its elements of exp(z_j - m_l)),
+    # so the sweep needs no block reduction (no barrier, no shuffle) until the row ends.
+    # A lane with no element yet is m_l = -FLT_MAX, s_l = -1 (d_l = 0): finite, so that
+    # z - m_l is never -inf - -inf, and a -inf logit adds exp(-inf) = 0.
+    m_l = tl.full([BLOCK_V], -_FLT_MAX, tl.float32)
+    s_l = tl.full([BLOCK_V], -1.0, tl.float32)
+    # the dense sums (options only) stay block reductions, against the row's running max:
+    # per-lane A and B would hold two more registers per element, past the budget
+    m_row = -float("inf")
     A = 0.0  # sum_j a_j
-    B = 0.0  # sum_j a_j (m - z_j)
+    B = 0.0  # sum_j a_j (m_row - z_j) >= 0
     for off in range(0, V, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         in_row = cols < V
         z, dz = _load_z(x_row_ptr, cols, cols < n_read, stride_x_col, softcap, HAS_SOFTCAP)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # a row (so far) of -inf only: keep exponents finite, exp(-inf) = 0
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref)
-        # the lanes holding the max (none while the max is -inf: NaN equals nothing)
-        is_top = z == tl.where(m_new == -float("inf"), float("nan"), m_new)
-        # one block reduction for both sums (each tl.sum costs a barrier round of its own)
-        n_top, e_rest = tl.reduce((is_top.to(tl.float32), tl.where(is_top, 0.0, e)), 0, _add2)
-        # d_new = d alpha + n_top + e_rest, written for s = d - 1 with exact small integers
-        s = s * alpha + ((alpha + (n_top - 1.0)) + e_rest)
+        delta = z - m_l
+        t = tl.math.exp2(-tl.abs(delta) * _LOG2E)  # exp(-|z - m_l|): one exp either way
+        # z above the lane max: the old max's 1 joins the sum, all of it scaled by
+        # exp(m_l - z), and z is the new max (adds no 1); else z adds exp(z - m_l), exactly
+        # 1 when it ties the max: s_l keeps the digits of d_l - 1
+        s_l = tl.where(delta > 0.0, s_l * t + t, s_l + t)
+        m_l = tl.maximum(m_l, z)
         if PROB_TARGET or HAS_SMOOTHING:
             a = _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col, label_smoothing,
                               V, HAS_WEIGHT, PROB_TARGET)
-            B += tl.where((m_new > m) & (A != 0.0), (m_new - m) * A, 0.0)
+            m_new = tl.maximum(m_row, tl.max(z, axis=0))
+            # the terms so far each grow by m_new - m_row (none yet: inf * 0 must not make a
+            # NaN); a -inf logit with a_j > 0 makes B infinite, as in torch
+            B += tl.where((m_new > m_row) & (A != 0.0), (m_new - m_row) * A, 0.0)
             term = tl.where(z == -float("inf"), float("inf"), a * (m_new - z))
             dB, dA = tl.reduce((tl.where(a == 0.0, 0.0, term), a), 0, _add2)
             B += dB
             A += dA
-        m = m_new
+            m_row = m_new
+
+    # combine the lanes like shards of the row: with m = max_l m_l, a lane at the max brings
+    # its s_l and (but for one such lane) its 1; any other lane (1 + s_l) exp(m_l - m) < 1 + s_l
+    m = tl.max(m_l, axis=0)
+    top = m_l == m
+    s_top, n_top, rest = tl.reduce((tl.where(top, s_l, 0.0), top.to(tl.float32),
+                                    tl.where(top, 0.0, (1.0 + s_l) * tl.exp(m_l - m))), 0, _add3)
+    s = s_top + ((n_top - 1.0) + rest)
+    # s = -1 (d = 0): no finite logit (or an ignored row, which read none); its max is -inf
+    m = tl.where(s < 0.0, -float("inf"), m)
     logd = _log1p(s)
     # a +inf logit: torch's log-softmax is NaN (inf - inf), whatever chunk it sits in
     logd = tl.where(m == float("inf"), float("nan"), logd)

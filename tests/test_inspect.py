@@ -57,13 +57,7 @@ OLD_PTXAS = _triton_version() < (3, 7)  # triton 3.6 ships CUDA 12.x ptxas; 3.9 
 # not fixed here). Keys: (path, options, rows) with rows 'aligned' (V and row stride
 # multiples of 16) or 'unaligned' (V = 50257); values: (condition, reason). Not strict:
 # the outcome depends on the ptxas of the installed triton.
-KNOWN_SPILLS = {
-    ("fused", "ids+all", "unaligned"): (True, "V=50257, all options: 8-16 B spilled on sm_80 "
-                                              "(fp16/bf16), at 80 registers of a 128 budget"),
-    ("fused", "probs+all", "unaligned"): (True, "V=50257, all options: ptxas parks one value "
-                                                "in local memory for the whole row (one STL "
-                                                "and one LDL per program, outside the loops)"),
-}
+KNOWN_SPILLS = {}
 KNOWN_OVER_BUDGET = {}
 ROWS = ("aligned", "unaligned")
 
