@@ -18,14 +18,13 @@ import torch
 from torch import Tensor
 
 from ._backend import backend_for
+from ._reduction import acc_dtype
 
 _NS = "softmax_ce_gpu"
 
 
 def _stats_like(logits):
-    n = logits.shape[0]
-    f32 = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return tuple(logits.new_empty(n, dtype=f32) for _ in range(4))
+    return tuple(logits.new_empty(logits.shape[0], dtype=acc_dtype(logits)) for _ in range(4))
 
 
 def _fwd(logits, target, weight, grad, grad_scale, ignore_index, label_smoothing, z_loss, softcap):

@@ -65,7 +65,7 @@ def _shard_target(target, shard, W, ignore_index):
 def _torch_fwd(logits, target, shard, *, ignore_index, label_smoothing, softcap):
     """Same contract as softmax_ce_gpu.kernels.vocab_parallel.vocab_parallel_fwd, in torch ops
     (float64 for float64 logits)."""
-    acc = reference._acc_dtype(logits)
+    acc = acc_dtype(logits)
     W = logits.shape[1]
     z, _ = reference._capped(logits, softcap, acc)
     valid, in_shard, c_loc = _shard_target(target, shard, W, ignore_index)
@@ -87,7 +87,7 @@ def _torch_fwd(logits, target, shard, *, ignore_index, label_smoothing, softcap)
 def _torch_bwd(logits, target, shard, row_max, row_logd, dloss, grad_scale, grad, *,
                ignore_index, label_smoothing, z_loss, softcap):
     """Same contract as softmax_ce_gpu.kernels.vocab_parallel.vocab_parallel_bwd, in torch ops."""
-    acc = reference._acc_dtype(logits)
+    acc = acc_dtype(logits)
     N, W = logits.shape
     z, dz = reference._capped(logits, softcap, acc)
     valid, in_shard, c_loc = _shard_target(target, shard, W, ignore_index)

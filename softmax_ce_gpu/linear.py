@@ -159,7 +159,7 @@ def _sweep(x, heads, V, chunk, need, ce_step):
     N, H = x.shape
     D = len(heads)
     dev, dtype = x.device, x.dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     need_x, need_w, need_b = need
     gi = gw = gb = None
     if need_x:

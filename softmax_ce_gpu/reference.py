@@ -11,11 +11,8 @@ that the kernels never materialise.
 
 import torch
 
+from ._reduction import acc_dtype
 from .reference_softmax import softmax_bwd, softmax_fwd  # noqa: F401  (same module, both ops)
-
-
-def _acc_dtype(logits):
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _capped(logits, softcap, acc):
@@ -90,7 +87,7 @@ def _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, target=None, coef_c=No
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
                       grad=None, grad_scale=None):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_fwd."""
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits)
     V = logits.shape[1]
     z, dz = _capped(logits, softcap, acc)
     y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
@@ -104,14 +101,13 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     if grad is not None:
         scale = grad_scale.to(acc).expand(logits.shape[0])
         grad.copy_(_row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, _ids(target), coef_c))
-    f32 = torch.float32 if acc == torch.float32 else acc
-    return loss.to(f32), m.to(f32), logd.to(f32), S.to(f32)
+    return loss, m, logd, S  # already in acc: fp32 (fp64 for fp64 logits), like the kernels
 
 
 def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad, *,
                       ignore_index, label_smoothing, z_loss, softcap):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_bwd."""
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits)
     V = logits.shape[1]
     z, dz = _capped(logits, softcap, acc)
     y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
@@ -123,5 +119,5 @@ def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, g
 
 def scale_grad(grad, dloss):
     """Same contract as softmax_ce_gpu.kernels.scale_grad (here always a multiply)."""
-    acc = _acc_dtype(grad)
+    acc = acc_dtype(grad)
     return grad.copy_(grad.to(acc) * dloss.to(acc))

@@ -9,14 +9,12 @@ which is torch.softmax / torch.log_softmax and their backward.
 
 import torch
 
-
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from ._reduction import acc_dtype
 
 
 def softmax_fwd(x, y, *, log):
     """Same contract as softmax_ce_gpu.kernels.softmax.softmax_fwd."""
-    z = x.to(_acc_dtype(x))
+    z = x.to(acc_dtype(x))
     m = z.amax(dim=1, keepdim=True)
     # a row of -inf only: keep exponents finite; (z - m) is then NaN, as in torch
     m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
@@ -31,7 +29,7 @@ def softmax_fwd(x, y, *, log):
 
 def softmax_bwd(y, dy, dx, *, log):
     """Same contract as softmax_ce_gpu.kernels.softmax.softmax_bwd."""
-    acc = _acc_dtype(y)
+    acc = acc_dtype(y)
     yy, g = y.to(acc), dy.to(acc)
     if log:
         # J = I - 1 p^T:  dx = g - p sum(g)
