@@ -1,7 +1,7 @@
 """Softmax cross-entropy, loss and gradient, one row of logits per program.
 
 The math (one row x of V logits; z = x, or z = c * tanh(x / c) with softcap c,
-a -inf logit staying -inf):
+a -inf logit staying -inf; see _load_z for how tanh stays accurate):
 
     m = max_j z_j,   d = sum_j exp(z_j - m),   lse = m + log d,   p_j = exp(z_j - lse)
 
@@ -14,7 +14,7 @@ absent), e the label smoothing:
     S = sum_j y_j
     loss   = sum_j y_j (lse - z_j) + z_loss * lse^2
     dl/dz_j = p_j (S + 2 z_loss lse) - y_j              (J^T dl/dp with J = diag(p) - p p^T)
-    dl/dx_j = dl/dz_j * (1 - (z_j / c)^2)                (softcap's chain rule)
+    dl/dx_j = dl/dz_j * (1 - tanh(x_j / c)^2)            (softcap's chain rule)
 
 In the kernels y is split into a sparse part (the coefficient (1 - e) w_c at
 column c) and a dense part a_j (everything else); the dense part is only swept
@@ -61,26 +61,35 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _load_z(row_ptr, cols, mask, stride_col, softcap, HAS_SOFTCAP: tl.constexpr):
+def _load_z(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP: tl.constexpr):
     """Load a chunk of one row as fp32 and apply the softcap; masked lanes are -inf.
 
-    Returns (z, dz/dx). The softcap uses tanh(u) = sign(u) (1 - e^{-2|u|}) / (1 + e^{-2|u|}),
-    which neither overflows nor loses the sign; a -inf logit (vocabulary padding)
-    stays -inf and gets derivative 0. No IEEE division per element: -2 |x| / c is a
-    multiply by a scalar (one scalar division per call) and the quotient an approximate
-    division (2 ulp, see _div), whose error stays below the fp32 rounding of c * tanh.
+    Returns (z, dz/dx). inv_softcap is k = 1/c (see softcap_scalar). With u = k x:
+
+        |u| < 1/4:  z = x * tanh(u)/u, the odd Taylor series to u^9 (relative error < 1e-8:
+                    no cancellation for small |x| / c, and exact in the limit c -> inf)
+        else:       z = sign(x) c (1 - e) / (1 + e),  e = exp(-2 |u|)
+        dz/dx = 1 - tanh(u)^2 = 4 e / (1 + e)^2, never 1 - t^2 (which cancels for large |u|)
+
+    A -inf logit (vocabulary padding) stays -inf and gets derivative 0. One MUFU.EX2 and one
+    approximate reciprocal (2 ulp, see _div) per element; the one scalar division makes c.
     """
     x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=float("-inf"))
     x = x.to(tl.float32)
     if HAS_SOFTCAP:
-        # e = exp(-2 |x| / c) = exp2(|x| k): one FMUL into the MUFU (exp2 flushes an e
-        # below 2^-126 to 0, where t = 1 exactly anyway)
-        e = tl.math.exp2(tl.abs(x) * _div(-2.0 * _LOG2E, softcap))
-        t = _div(1.0 - e, 1.0 + e)
-        t = tl.where(x < 0.0, -t, t)
+        u = x * inv_softcap
+        u2 = u * u
+        # tanh(u)/u = 1 - u^2/3 + 2u^4/15 - 17u^6/315 + 62u^8/2835 (next term < 1e-8 at 1/4)
+        r = 1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 + u2 * (
+            -0.05396825396825397 + u2 * 0.021869488536155203)))
+        # e = exp(-2 |u|) = exp2(-2 log2(e) |u|); flushed to 0 below 2^-126, where t = 1
+        e = tl.math.exp2(tl.abs(u) * (-2.0 * _LOG2E))
+        q = _div(1.0, 1.0 + e)
+        t = (1.0 - e) * q
+        z_big = tl.where(x < 0.0, -t, t) * _div(1.0, inv_softcap)
         is_pad = x == float("-inf")
-        z = tl.where(is_pad, x, softcap * t)
-        dz = tl.where(is_pad, 0.0, 1.0 - t * t)
+        z = tl.where(is_pad, x, tl.where(tl.abs(u) < 0.25, x * r, z_big))
+        dz = tl.where(is_pad, 0.0, 4.0 * e * q * q)
     else:
         z = x
         dz = 1.0
@@ -155,7 +164,7 @@ def _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V, ignore_index, l
 @triton.jit
 def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
                     stride_x_col, stride_t_col, stride_g_col,
-                    V, label_smoothing, z_loss, softcap,
+                    V, label_smoothing, z_loss, inv_softcap,
                     valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
                     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
@@ -191,7 +200,7 @@ def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
         for off in range(0, V, BLOCK_V):
             cols = off + tl.arange(0, BLOCK_V)
             in_row = cols < V
-            z, dz = _load_z(x_row_ptr, cols, in_row, stride_x_col, softcap, HAS_SOFTCAP)
+            z, dz = _load_z(x_row_ptr, cols, in_row, stride_x_col, inv_softcap, HAS_SOFTCAP)
             p = tl.math.exp2((z - m) * _LOG2E - logd2)
             if PROB_TARGET or HAS_SMOOTHING:
                 a = _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col,
@@ -232,7 +241,7 @@ def _cross_entropy_fwd_kernel(
     # sizes
     V,
     # runtime scalars
-    ignore_index, label_smoothing, z_loss, softcap,
+    ignore_index, label_smoothing, z_loss, inv_softcap,
     # constexprs
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FUSE_GRAD: tl.constexpr,
@@ -267,7 +276,7 @@ def _cross_entropy_fwd_kernel(
     for off in range(0, V, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         in_row = cols < V
-        z, dz = _load_z(x_row_ptr, cols, cols < n_read, stride_x_col, softcap, HAS_SOFTCAP)
+        z, dz = _load_z(x_row_ptr, cols, cols < n_read, stride_x_col, inv_softcap, HAS_SOFTCAP)
         delta = z - m_l
         t = tl.math.exp2(-tl.abs(delta) * _LOG2E)  # exp(-|z - m_l|): one exp either way
         # z above the lane max: the old max's 1 joins the sum, all of it scaled by
@@ -307,7 +316,7 @@ def _cross_entropy_fwd_kernel(
     z_c = 0.0
     dz_c = 0.0
     if not PROB_TARGET:
-        z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, softcap, HAS_SOFTCAP)
+        z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, inv_softcap, HAS_SOFTCAP)
         loss = tl.where(valid, coef_c * ((m - z_c) + logd), 0.0)
     if PROB_TARGET or HAS_SMOOTHING:
         loss += tl.where(valid, B + A * logd, 0.0)
@@ -324,7 +333,7 @@ def _cross_entropy_fwd_kernel(
         scale = tl.load(grad_scale_ptr).to(tl.float32)
         _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, grad_ptr + row * stride_g_row,
                         stride_x_col, stride_t_col, stride_g_col,
-                        V, label_smoothing, z_loss, softcap,
+                        V, label_smoothing, z_loss, inv_softcap,
                         valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
                         HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
 
@@ -349,7 +358,7 @@ def _cross_entropy_bwd_kernel(
     # sizes
     V,
     # runtime scalars
-    ignore_index, label_smoothing, z_loss, softcap,
+    ignore_index, label_smoothing, z_loss, inv_softcap,
     # constexprs
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -367,7 +376,7 @@ def _cross_entropy_bwd_kernel(
     else:
         valid, c, w_c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
                                                ignore_index, label_smoothing, HAS_WEIGHT)
-        z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, softcap, HAS_SOFTCAP)
+        z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, inv_softcap, HAS_SOFTCAP)
     m = tl.load(max_ptr + row)
     logd = tl.load(logd_ptr + row)
     S = tl.load(s_ptr + row)
@@ -375,7 +384,7 @@ def _cross_entropy_bwd_kernel(
     _write_row_grad(x_row_ptr, target_ptr + row * stride_t_row, weight_ptr,
                     grad_ptr + row * stride_g_row,
                     stride_x_col, stride_t_col, stride_g_col,
-                    V, label_smoothing, z_loss, softcap,
+                    V, label_smoothing, z_loss, inv_softcap,
                     valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
                     HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
 
@@ -388,7 +397,10 @@ def _scale_grad_kernel(
     V,
     BLOCK_V: tl.constexpr,
 ):
-    """grad *= dloss, decided on the device: when dloss == 1 no byte of grad is touched."""
+    """grad *= dloss, decided on the device: when dloss == 1 no byte of grad is touched.
+
+    An exact zero (an ignored row's gradient) stays 0 when dloss is inf or NaN (a loss
+    scaler's overflow), as torch's gradient of an ignored row does."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(dloss_ptr).to(tl.float32)
     if g != 1.0:
@@ -398,10 +410,19 @@ def _scale_grad_kernel(
             mask = cols < V
             ptrs = row_ptr + cols.to(tl.int64) * stride_col
             x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(ptrs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(ptrs, tl.where(x == 0.0, x, x * g).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def softcap_scalar(softcap):
+    """The runtime scalar the kernels take for the softcap c: k = 1/c (0.0 when off).
+
+    1/c, not c: z = x tanh(k x) / (k x) stays exact as c grows (k -> 0 gives z = x), and a
+    c beyond fp32's range becomes a tiny k instead of an infinite c.
+    """
+    return 0.0 if softcap is None else 1.0 / float(softcap)
 
 
 def _flags(target, weight, label_smoothing, z_loss, softcap):
@@ -452,7 +473,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
         logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
         grad.stride(0), grad.stride(1),
         V,
-        ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
+        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
         FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, **flags,
     )
     return loss, row_max, row_logd, row_s
@@ -477,7 +498,7 @@ def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, g
         logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
         grad.stride(0), grad.stride(1), stride_dloss,
         V,
-        ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
+        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
         BLOCK_V=block, num_warps=num_warps, **flags,
     )
     return grad

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _load_z, _write_row_grad
+from .cross_entropy import _load_z, _write_row_grad, softcap_scalar
 from .tuning import row_config
 
 # rows of the forward's (4, N) output
@@ -72,7 +72,7 @@ def _vocab_parallel_fwd_kernel(
     # sizes
     N, W,
     # runtime scalars
-    ignore_index, softcap,
+    ignore_index, inv_softcap,
     # constexprs
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -88,7 +88,7 @@ def _vocab_parallel_fwd_kernel(
     for off in range(0, W, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         in_read = cols < n_read
-        z, dz = _load_z(x_row_ptr, cols, in_read, stride_x_col, softcap, HAS_SOFTCAP)
+        z, dz = _load_z(x_row_ptr, cols, in_read, stride_x_col, inv_softcap, HAS_SOFTCAP)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp(m - m_ref)
@@ -106,7 +106,7 @@ def _vocab_parallel_fwd_kernel(
             B += tl.sum(tl.where(in_read, term, 0.0), axis=0)
         m = m_new
 
-    z_c, dz_c = _load_z(x_row_ptr, tl.maximum(c_loc, 0), in_shard, stride_x_col, softcap,
+    z_c, dz_c = _load_z(x_row_ptr, tl.maximum(c_loc, 0), in_shard, stride_x_col, inv_softcap,
                         HAS_SOFTCAP)
     tl.store(part_ptr + 0 * N + row, m)
     tl.store(part_ptr + 1 * N + row, z_c)
@@ -132,7 +132,7 @@ def _vocab_parallel_bwd_kernel(
     # sizes
     W,
     # runtime scalars
-    ignore_index, label_smoothing, z_loss, softcap,
+    ignore_index, label_smoothing, z_loss, inv_softcap,
     # constexprs
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -143,7 +143,7 @@ def _vocab_parallel_bwd_kernel(
     valid, in_shard, c_loc = _shard_target(target_ptr, shard_ptr, row, stride_t, W, ignore_index)
     # a class id elsewhere is c_loc = -1: _write_row_grad's target column matches no column,
     # and its scalar g_c, computed from z_c = -inf, stays finite (expm1(-inf) = -1, p_c = 0)
-    z_c, dz_c = _load_z(x_row_ptr, tl.maximum(c_loc, 0), in_shard, stride_x_col, softcap,
+    z_c, dz_c = _load_z(x_row_ptr, tl.maximum(c_loc, 0), in_shard, stride_x_col, inv_softcap,
                         HAS_SOFTCAP)
     coef_c = tl.where(valid, 1.0 - label_smoothing, 0.0)
     # _write_row_grad spreads label_smoothing / (its V) over the columns; its V is the shard
@@ -156,7 +156,7 @@ def _vocab_parallel_bwd_kernel(
     scale = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32) * tl.load(grad_scale_ptr)
     _write_row_grad(x_row_ptr, target_ptr, target_ptr, grad_ptr + row * stride_g_row,
                     stride_x_col, 0, stride_g_col,
-                    W, e_shard, z_loss, softcap,
+                    W, e_shard, z_loss, inv_softcap,
                     valid, c_loc, 1.0, coef_c, z_c, dz_c, m, logd, S, scale,
                     False, False, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
 
@@ -183,7 +183,7 @@ def vocab_parallel_fwd(logits, target, shard, *, ignore_index, label_smoothing, 
         logits, target, shard, part,
         logits.stride(0), logits.stride(1), target.stride(0),
         N, W,
-        ignore_index, float(softcap or 1.0),
+        ignore_index, softcap_scalar(softcap),
         HAS_SMOOTHING=label_smoothing > 0.0, HAS_SOFTCAP=softcap is not None,
         BLOCK_V=block, num_warps=num_warps,
     )
@@ -207,7 +207,7 @@ def vocab_parallel_bwd(logits, target, shard, row_max, row_logd, dloss, grad_sca
         logits.stride(0), logits.stride(1), target.stride(0),
         grad.stride(0), grad.stride(1), stride_dloss,
         W,
-        ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
+        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
         HAS_SMOOTHING=label_smoothing > 0.0, HAS_Z_LOSS=z_loss > 0.0,
         HAS_SOFTCAP=softcap is not None, BLOCK_V=block, num_warps=num_warps,
     )

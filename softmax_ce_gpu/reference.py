@@ -20,11 +20,16 @@ def _capped(logits, softcap, acc):
     x = logits.to(acc)
     if softcap is None:
         return x, None
-    t = torch.tanh(x / softcap)
-    pad = x == float("-inf")
-    z = torch.where(pad, x, softcap * t)
-    dz = torch.where(pad, torch.zeros_like(t), 1.0 - t * t)
-    return z, dz
+    # in float64 whatever acc is: x / c and c * tanh stay exact for any c a float holds (in
+    # fp32 a c beyond 3.4e38 would be inf), and 1 - tanh^2 = 4 e / (1 + e)^2 with
+    # e = exp(-2 |x| / c) does not cancel for large |x| / c
+    x64 = logits.to(torch.float64)
+    u = x64 / softcap
+    e = torch.exp(-2.0 * u.abs())
+    pad = x64 == float("-inf")
+    z = torch.where(pad, x64, softcap * torch.tanh(u))
+    dz = torch.where(pad, torch.zeros_like(e), 4.0 * e / (1.0 + e) ** 2)
+    return z.to(acc), dz.to(acc)
 
 
 def _target_matrix(target, weight, V, ignore_index, label_smoothing, acc):
@@ -120,4 +125,6 @@ def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, g
 def scale_grad(grad, dloss):
     """Same contract as softmax_ce_gpu.kernels.scale_grad (here always a multiply)."""
     acc = acc_dtype(grad)
-    return grad.copy_(grad.to(acc) * dloss.to(acc))
+    g = grad.to(acc)
+    # an exact zero (an ignored row) stays 0 under an inf/NaN dloss, as in the kernel
+    return grad.copy_(torch.where(g == 0, g, g * dloss.to(acc)))
