@@ -10,6 +10,13 @@ triton <= 3.6 converts a kernel's integer argument to a Python int with
 triton 3.7 squeezes the array first. We apply the same one-line change to the
 old interpreter, only when it is active and only for the versions that need it,
 so the kernels keep the ordinary ``for`` loop that the compiler pipelines.
+
+Every triton version's interpreter converts fp32 to bf16 by truncating the
+mantissa (its "RTNE" branch, when it is taken at all, rounds half up and drops
+the carry), where the GPU's cvt.rn.bf16.f32 rounds to nearest, ties to even: a
+gradient entry of -0.9999997 is stored as -0.99609375 on CPU and -1.0 on the GPU.
+_round_bf16_to_nearest_even makes the interpreter round as the GPU does, so that
+a CPU test of a bf16 result can hold it to one rounding of the exact value.
 """
 
 import os
@@ -42,5 +49,50 @@ def _fix_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if INTERPRETER and _triton_version() < (3, 7):
-    _fix_interpreter_index()
+def _fp32_to_bf16_bits(data):
+    """uint16 bf16 bits of a float32 numpy array, rounded to nearest, ties to even.
+
+    NaN stays a (quiet) NaN of the same sign; overflow rounds to inf, as cvt.rn does.
+    """
+    import numpy as np
+
+    bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    rounded = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x0040), rounded)
+    return rounded.astype(np.uint16).reshape(np.shape(data))
+
+
+def _round_bf16_to_nearest_even() -> None:
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.cast_impl, "_softmax_ce_gpu_fixed", False):
+        return
+    cast_impl, fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+    rtz = interpreter._ir.ROUNDING_MODE.RTZ
+
+    def to_bf16(src):
+        return interpreter.TensorHandle(_fp32_to_bf16_bits(src.data), tl.bfloat16)
+
+    def patched_cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bf16(src)
+        return cast_impl(self, src, dst_type)
+
+    def patched_fp_to_fp(self, src, dst_type, rounding_mode):
+        if (src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16
+                and rounding_mode != rtz):
+            return to_bf16(src)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    patched_cast_impl._softmax_ce_gpu_fixed = True
+    builder.cast_impl = patched_cast_impl
+    builder.create_fp_to_fp = patched_fp_to_fp
+
+
+if INTERPRETER:
+    _round_bf16_to_nearest_even()
+    if _triton_version() < (3, 7):
+        _fix_interpreter_index()

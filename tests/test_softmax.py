@@ -31,11 +31,13 @@ def _run(op, x, dim=-1, upstream=None):
     return y, dx, yr, dxr
 
 
-def _check(op, x, dim=-1, factor=1.0):
+def _check(op, x, dim=-1):
     y, dx, yr, dxr = _run(op, x, dim)
     assert y.dtype == x.dtype and y.shape == x.shape and dx.shape == x.shape
-    assert_close(y, yr, x.dtype, factor)
-    assert_close(dx, dxr, x.dtype, factor)
+    assert_close(y, yr, x.dtype)
+    # the backward reads the forward's output, saved in x's dtype as torch saves it (one
+    # rounding), and rounds dx once more
+    assert_close(dx, dxr, x.dtype, roundings=2)
 
 
 @pytest.mark.parametrize("op", OPS)
