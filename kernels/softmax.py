@@ -55,7 +55,7 @@ def _row_start(ptr, row, n_inner, stride_outer, stride_inner):
 def _softmax_fwd_kernel(
     # pointers
     x_ptr,           # (outer, V, inner) fp32/bf16/fp16 input
-    y_ptr,           # (outer, V, inner) x's dtype out: softmax, or log_softmax if LOG
+    y_ptr,           # (outer, V, inner) fp32/bf16/fp16 out: softmax, or log_softmax if LOG
     # strides (in elements)
     stride_x_outer, stride_x_inner, stride_x_col,
     stride_y_outer, stride_y_inner, stride_y_col,
@@ -89,7 +89,8 @@ def _softmax_fwd_kernel(
         # d_new = d alpha + n_top + e_rest, written for s = d - 1 with exact small integers
         s = s * alpha + ((alpha + (n_top - 1.0)) + e_rest)
         m = m_new
-    logd = _log1p(s)
+    # a +inf entry: torch's whole row is NaN (inf - inf), here through log d
+    logd = tl.where(m == float("inf"), float("nan"), _log1p(s))
 
     # the same program sweeps the row again at once: its bytes are still in L2
     for off in range(0, V, BLOCK_V):
@@ -110,7 +111,7 @@ def _softmax_bwd_kernel(
     # pointers
     y_ptr,           # (outer, V, inner) fp32/bf16/fp16: the forward's output (p, or log p if LOG)
     dy_ptr,          # (outer, V, inner) y's dtype: upstream gradient g = dL/dy
-    dx_ptr,          # (outer, V, inner) y's dtype out: dL/dx
+    dx_ptr,          # (outer, V, inner) fp32/bf16/fp16 out: dL/dx
     # strides (in elements)
     stride_y_outer, stride_y_inner, stride_y_col,
     stride_dy_outer, stride_dy_inner, stride_dy_col,
@@ -180,8 +181,8 @@ def softmax_fwd(x, y, *, log):
     """Write softmax(x) (log_softmax if ``log``) along dimension 1 into ``y``; returns y.
 
     Preconditions (checked by the host code, not here): x (outer, V, inner) fp32/bf16/fp16
-    with any strides and at least one element; y a tensor of x's shape, dtype and device
-    that does not overlap x; log a bool.
+    with any strides and at least one element; y a tensor of x's shape and device, of
+    fp32/bf16/fp16 (the output dtype), that does not overlap x; log a bool.
     """
     outer, V, inner = x.shape
     block, num_warps = row_config(V, x.element_size())
@@ -198,9 +199,9 @@ def softmax_bwd(y, dy, dx, *, log):
     """Write dx = J^T dy into ``dx``, J the Jacobian of softmax (log_softmax if ``log``) at the
     forward output ``y``; returns dx.
 
-    Preconditions: y, dy, dx (outer, V, inner) of one fp32/bf16/fp16 dtype and device, any
-    strides, at least one element; y the output of softmax_fwd with the same ``log``; dx
-    overlaps neither y nor dy.
+    Preconditions: y, dy, dx (outer, V, inner) of fp32/bf16/fp16 on one device (dy of y's
+    dtype, dx of the forward input's), any strides, at least one element; y the output of
+    softmax_fwd with the same ``log``; dx overlaps neither y nor dy.
     """
     outer, V, inner = y.shape
     block, num_warps = row_config(V, y.element_size())

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.nn import _reduction as _torch_reduction
 
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,27 @@ def _number(fn, name, value, *, allow_none=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: argument '{name}' must be a real number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is
+    # a SymFloat, which math.isfinite cannot take (a NaN fails both comparisons)
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{fn}: argument '{name}' must be finite, got {value!r}")
     return value
+
+
+def legacy_reduction(size_average, reduce, reduction):
+    """torch's handling of the deprecated size_average / reduce: when either is given it
+    decides the reduction (with torch's deprecation warning), else ``reduction`` stands."""
+    if size_average is None and reduce is None:
+        return reduction
+    return _torch_reduction.legacy_get_string(size_average, reduce)
 
 
 def check_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap) -> LossOptions:
     """Validate the scalar options shared by every cross-entropy entry point."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: argument 'ignore_index' must be an int, got {ignore_index!r}")
+    if not _INT64[0] <= ignore_index <= _INT64[1]:
+        raise ValueError(f"{fn}: argument 'ignore_index' must fit in int64, got {ignore_index}")
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(
             f"{fn}: argument 'reduction' must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -64,7 +78,7 @@ def check_bool(fn, name, value):
         raise TypeError(f"{fn}: argument '{name}' must be a bool, got {value!r}")
 
 
-def check_logits(fn, logits, name="logits"):
+def check_logits(fn, logits, name="input"):
     """A floating tensor with at least one dimension and a non-empty class dimension."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, got {type(logits).__name__}")
@@ -90,16 +104,20 @@ def check_target(fn, logits, target, ignore_index):
         raise TypeError(f"{fn}: argument 'target' must be a torch.Tensor, got {type(target).__name__}")
     if target.device != logits.device:
         raise ValueError(
-            f"{fn}: argument 'target' is on {target.device} but 'logits' is on {logits.device}")
+            f"{fn}: argument 'target' is on {target.device} but 'input' is on {logits.device}")
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(
-                f"{fn}: probability 'target' must have the logits' shape {tuple(logits.shape)}, "
+                f"{fn}: probability 'target' must have the input's shape {tuple(logits.shape)}, "
                 f"got {tuple(target.shape)}")
-        if ignore_index != -100:
+        if target.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"{fn}: probability 'target' must be float16, bfloat16, float32 or "
+                            f"float64, got dtype {target.dtype}")
+        if ignore_index >= 0:
+            # torch: a negative ignore_index (any) is accepted and means nothing here
             raise ValueError(
                 f"{fn}: argument 'ignore_index' ({ignore_index}) does not apply to probability "
-                "targets (torch refuses it too); leave it at -100")
+                "targets (torch refuses a non-negative one too); leave it at -100")
         return True
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(
@@ -114,35 +132,119 @@ def check_target(fn, logits, target, ignore_index):
 
 
 def check_weight(fn, logits, weight, V):
+    """Class weights: None, or a (V,) floating tensor on the input's device, of any dtype.
+
+    Returns them as the kernels read them: contiguous, in the accumulation dtype (fp32, fp64
+    for fp64 input), so any layout (a strided slice, an expanded scalar) is read correctly.
+    A copy of V values at most; the caller's tensor is never written.
+    """
     if weight is None:
-        return
+        return None
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{fn}: argument 'weight' must be a torch.Tensor or None, "
                         f"got {type(weight).__name__}")
-    if weight.dtype != logits.dtype:
-        raise TypeError(
-            f"{fn}: argument 'weight' must have the logits' dtype {logits.dtype}, got {weight.dtype}")
+    if weight.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{fn}: argument 'weight' must be float16, bfloat16, float32 or float64, "
+                        f"got dtype {weight.dtype}")
     if weight.shape != (V,):
         raise ValueError(
             f"{fn}: argument 'weight' must have shape ({V},), one weight per class, "
             f"got {tuple(weight.shape)}")
     if weight.device != logits.device:
         raise ValueError(
-            f"{fn}: argument 'weight' is on {weight.device} but 'logits' is on {logits.device}")
+            f"{fn}: argument 'weight' is on {weight.device} but 'input' is on {logits.device}")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{fn}: the gradient with respect to 'weight' is not supported; "
                          "pass weight.detach()")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return weight.detach().to(acc).contiguous()
 
 
-def as_class_ids(target):
-    """Class ids in a dtype that holds ignore_index: int32/int64 as they are, others as int64.
+def _byte_range(t):
+    """(first, last + 1) bytes of t's storage that t can touch; None for an empty tensor."""
+    if t.numel() == 0:
+        return None
+    start = t.storage_offset() * t.element_size()
+    extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return start, start + (extent + 1) * t.element_size()
 
-    The kernels compare int64 ids; host code comparing a uint8 id with -100 would wrap
-    (-100 becomes 156) and disagree with them, so every entry point converts first (O(N)).
+
+def overlaps(a, b):
+    """Whether tensors a and b may share a byte of memory (conservative: spans, not elements)."""
+    if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    ra, rb = _byte_range(a), _byte_range(b)
+    return ra is not None and rb is not None and ra[0] < rb[1] and rb[0] < ra[1]
+
+
+def same_memory(a, b):
+    """Whether a and b are the same elements in the same layout (e.g. x and x.view_as(x))."""
+    return (a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+            and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def _self_overlapping(t):
+    """Whether two elements of t may share memory (an expanded tensor, say). False when, with
+    the dims of size > 1 sorted by stride, each stride exceeds the span of the smaller ones."""
+    span = 0  # elements covered by the dims seen so far, minus one
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def check_out(fn, out, logits, others=()):
+    """The `out` of a gradient: None, the logits themselves, or a tensor of their shape, dtype
+    and device that overlaps neither them nor the other inputs, nor itself.
+
+    Returns True when out is the logits (an in-place gradient).
     """
-    if target.dtype in (torch.int32, torch.int64):
+    if out is None:
+        return False
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{fn}: argument 'out' must be a torch.Tensor or None, "
+                        f"got {type(out).__name__}")
+    if out.dtype != logits.dtype:
+        raise TypeError(f"{fn}: argument 'out' must have dtype {logits.dtype}, got {out.dtype}")
+    if out.shape != logits.shape or out.device != logits.device:
+        raise ValueError(f"{fn}: argument 'out' must have shape {tuple(logits.shape)} on "
+                         f"{logits.device}, got {tuple(out.shape)} on {out.device}")
+    if same_memory(out, logits):
+        return True
+    if overlaps(out, logits):
+        raise ValueError(f"{fn}: argument 'out' overlaps the input without being it (shape "
+                         f"{tuple(out.shape)}, strides {out.stride()}); pass the input itself "
+                         "for an in-place gradient, or memory of its own")
+    for other in others:
+        if isinstance(other, torch.Tensor) and overlaps(out, other):
+            raise ValueError(f"{fn}: argument 'out' overlaps another argument of the call")
+    if _self_overlapping(out):
+        raise ValueError(f"{fn}: argument 'out' has overlapping elements (strides "
+                         f"{out.stride()}), so a gradient entry would be written twice")
+    return False
+
+
+def as_class_ids(target, ignore_index):
+    """Class ids in a dtype that holds ignore_index: int64, or int32 when ignore_index fits.
+
+    The kernels compare int64 ids; host code comparing a uint8 id with -100 (or an int32 id
+    with 2**32) would wrap and disagree with them, so every entry point converts first (O(N)).
+    """
+    if target.dtype == torch.int64:
+        return target
+    if target.dtype == torch.int32 and -(1 << 31) <= ignore_index < (1 << 31):
         return target
     return target.long()
+
+
+def _plain(t):
+    """t without torch.func's wrappers (vmap, grad): the tensor of all its values, which an
+    element-wise check may read as a whole."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def check_class_range(fn, target, V, ignore_index):
@@ -151,7 +253,9 @@ def check_class_range(fn, target, V, ignore_index):
     ValueError on CPU in eager mode; elsewhere (CUDA, or inside torch.compile) a
     device-side assert, which fails the launch instead of synchronising with the host.
     """
-    target = as_class_ids(target)
+    target = as_class_ids(target, ignore_index)
+    if not torch.compiler.is_compiling():
+        target = _plain(target)  # under torch.func the whole batch is checked at once
     bad = ((target < 0) | (target >= V)) & (target != ignore_index)
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         # no host sync on a device, and nothing data-dependent in a compiled graph
@@ -170,18 +274,18 @@ def check_cross_entropy(fn, logits, target, weight, ignore_index, reduction, lab
                         z_loss, softcap):
     """All checks of a cross-entropy call.
 
-    Returns (options, V, is_probability_target, target), the target's class ids converted
-    by as_class_ids.
+    Returns (options, V, is_probability_target, target, weight): the target's class ids
+    converted by as_class_ids, the weight as check_weight returns it.
     """
     opts = check_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap)
     V = check_logits(fn, logits)
     prob = check_target(fn, logits, target, opts.ignore_index)
-    check_weight(fn, logits, weight, V)
+    weight = check_weight(fn, logits, weight, V)
     if prob:
         if target.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{fn}: the gradient with respect to probability 'target' is not "
                              "supported; pass target.detach()")
     else:
-        target = as_class_ids(target)
+        target = as_class_ids(target, opts.ignore_index)
         check_class_range(fn, target, V, opts.ignore_index)
-    return opts, V, prob, target
+    return opts, V, prob, target, weight

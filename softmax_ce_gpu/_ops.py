@@ -142,28 +142,83 @@ def _(grad, dloss):
 
 
 @torch.library.custom_op(f"{_NS}::softmax_fwd", mutates_args=())
-def softmax_fwd(x: Tensor, log: bool) -> Tensor:
-    """softmax (log_softmax if log) along dim 1 of an (outer, V, inner) tensor, as a new tensor."""
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def softmax_fwd(x: Tensor, log: bool, dtype: torch.dtype) -> Tensor:
+    """softmax (log_softmax if log) along dim 1 of an (outer, V, inner) tensor, as a new
+    tensor of ``dtype`` (x's or a wider one)."""
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
     if y.numel():
         backend_for("softmax", x).softmax_fwd(x, y, log=log)
     return y
 
 
 @softmax_fwd.register_fake
-def _(x, log):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _(x, log, dtype):
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
 @torch.library.custom_op(f"{_NS}::softmax_bwd", mutates_args=())
-def softmax_bwd(y: Tensor, dy: Tensor, log: bool) -> Tensor:
-    """dx = J^T dy for the forward output y, (outer, V, inner), as a new tensor."""
-    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+def softmax_bwd(y: Tensor, dy: Tensor, log: bool, dtype: torch.dtype) -> Tensor:
+    """dx = J^T dy for the forward output y, (outer, V, inner), as a new tensor of ``dtype``
+    (the forward input's)."""
+    dx = torch.empty(y.shape, dtype=dtype, device=y.device)
     if dx.numel():
         backend_for("softmax", y).softmax_bwd(y, dy, dx, log=log)
     return dx
 
 
 @softmax_bwd.register_fake
-def _(y, dy, log):
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+def _(y, dy, log, dtype):
+    return torch.empty(y.shape, dtype=dtype, device=y.device)
+
+
+# ----------------------------------------------------------------------------- vmap rules
+# torch.func.vmap over the library's autograd Functions (generate_vmap_rule=True) reaches
+# these ops with batched tensors. The cross-entropy ops loop over the batch (a 'mean' has a
+# denominator per batch element, so one launch over all rows would need a per-row scale);
+# the softmax ops fold the batch into their outer dimension: one launch.
+
+
+def _select(args, in_dims, b):
+    return [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
+
+
+def _loop_rule(op, mutating):
+    def rule(info, in_dims, *args):
+        outs = [op(*_select(args, in_dims, b)) for b in range(info.batch_size)]
+        if mutating and outs[0] is None:
+            return None, None
+        if mutating:  # returns per-row stats besides its write
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+    return rule
+
+
+def _batched_first(t, d, size):
+    return t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+
+
+def _softmax_fwd_vmap(info, in_dims, x, log, dtype):
+    xb = _batched_first(x, in_dims[0], info.batch_size)
+    B, outer, V, inner = xb.shape
+    y = softmax_fwd(xb.reshape(B * outer, V, inner), log, dtype)
+    return y.view(B, outer, V, inner), 0
+
+
+def _softmax_bwd_vmap(info, in_dims, y, dy, log, dtype):
+    yb = _batched_first(y, in_dims[0], info.batch_size)
+    dyb = _batched_first(dy, in_dims[1], info.batch_size)
+    B, outer, V, inner = yb.shape
+    dx = softmax_bwd(yb.reshape(B * outer, V, inner), dyb.reshape(B * outer, V, inner), log,
+                     dtype)
+    return dx.view(B, outer, V, inner), 0
+
+
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; older torch: no vmap support
+    for _op, _mut in ((cross_entropy_fwd, False), (cross_entropy_bwd, False),
+                      (cross_entropy_fwd_out, True), (cross_entropy_fwd_inplace, True),
+                      (cross_entropy_bwd_inplace, True), (scale_grad_, True)):
+        torch.library.register_vmap(_op, _loop_rule(_op, _mut))
+    torch.library.register_vmap(softmax_fwd, _softmax_fwd_vmap)
+    torch.library.register_vmap(softmax_bwd, _softmax_bwd_vmap)

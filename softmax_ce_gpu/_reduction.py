@@ -9,6 +9,9 @@ and the rule for a gradient made in forward.
 - take_fused_grad: a gradient made in forward is handed to autograd once; it is then
   scaled in place, so a second backward through the same loss (retain_graph=True)
   must raise rather than return a gradient scaled twice.
+- no_second_order: under create_graph=True, a gradient that cannot be differentiated
+  again (made in forward from logits that are gone) is handed out through a node whose
+  backward raises, so a second derivative fails loudly instead of missing a term.
 """
 
 import torch
@@ -62,3 +65,34 @@ def take_fused_grad(ctx, fn, hint="compute the loss again instead of retain_grap
             f"forward and already handed out; {hint}")
     ctx.consumed = True
     return ctx.saved_tensors
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Outputs g * dloss (or g) for each g, tied to ``anchor``; backward raises."""
+
+    generate_vmap_rule = True  # torch operations only
+
+    @staticmethod
+    def forward(anchor, dloss, fn, hint, *grads):
+        if dloss is None:
+            return tuple(None if g is None else g.clone() for g in grads)
+        # exact zeros (ignored rows) stay 0 under an inf/NaN dloss, as scale_grad keeps them
+        return tuple(None if g is None else torch.where(g == 0, g, g * dloss.to(g.dtype))
+                     for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fn, ctx.hint = inputs[2], inputs[3]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"{ctx.fn}: a second derivative (a backward through the gradient "
+                           f"made with create_graph=True) is not supported here; {ctx.hint}")
+
+
+def no_second_order(fn, hint, anchor, dloss, *grads):
+    """The gradients (times dloss unless it is None) as new tensors that autograd can hold
+    in a graph (create_graph=True) but not differentiate: their backward raises, naming fn
+    and the hint. anchor: a tensor that requires grad (e.g. the loss), which ties them to
+    the graph so that a backward through them reaches that error."""
+    return _NoSecondOrder.apply(anchor, dloss, fn, hint, *grads)

@@ -24,8 +24,6 @@ Both are J^T g with J = diag(p) - p p^T (see kernels/softmax.py), never built.
 import numbers
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from . import _ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -61,47 +59,88 @@ def _as_rows(x, dim):
     return x.reshape(outer, shape[dim], inner)
 
 
+def check_dtype(fn, x, dtype):
+    """torch's dtype= of softmax: None (x's dtype) or a floating dtype the output takes.
+
+    Returns (x to read, output dtype): x is cast first only when dtype is narrower than x
+    (that is torch's order: cast, then softmax); a wider dtype is read from x as it is (the
+    widening is exact) and written directly, without a copy of x. float64 on either side
+    runs on the float64 path, with x cast to float64.
+    """
+    if dtype is None:
+        return x, x.dtype
+    if not isinstance(dtype, torch.dtype) or dtype not in _DTYPES:
+        raise TypeError(f"{fn}: argument 'dtype' must be None or one of float16, bfloat16, "
+                        f"float32, float64, got {dtype!r}")
+    if dtype == torch.float64 or x.dtype == torch.float64:
+        return x.to(dtype), dtype
+    if dtype != x.dtype and torch.promote_types(x.dtype, dtype) != dtype:
+        return x.to(dtype), dtype  # narrower (or bf16 <-> fp16): round x first, as torch does
+    return x, dtype
+
+
 class _SoftmaxFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, log):
-        y = _ops.softmax_fwd(x, log)
-        ctx.log = log
-        ctx.save_for_backward(y)
-        return y
+    generate_vmap_rule = True  # its ops have vmap rules (_ops.py)
 
     @staticmethod
-    @once_differentiable
+    def forward(x, log, dtype):
+        return _ops.softmax_fwd(x, log, dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, log, _ = inputs
+        ctx.log, ctx.in_dtype = log, x.dtype
+        ctx.save_for_backward(output)
+
+    @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return _ops.softmax_bwd(y, dy, ctx.log), None
+        if torch.is_grad_enabled():
+            # create_graph=True: the same J^T dy from torch operations, differentiable again
+            return _differentiable_bwd(y, dy, ctx.log).to(ctx.in_dtype), None, None
+        return _ops.softmax_bwd(y, dy.to(y.dtype), ctx.log, ctx.in_dtype), None, None
 
 
-def _apply(fn, x, dim, log):
+def _differentiable_bwd(y, dy, log):
+    """J^T dy with torch operations (so a second derivative is torch's), in the math of
+    kernels/softmax.py: softmax dx = p (g - sum g p); log_softmax dx = g - exp(y) sum g."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yy, g = y.to(acc), dy.to(acc)
+    if log:
+        return g - torch.exp(yy) * g.sum(dim=1, keepdim=True)
+    return yy * (g - (g * yy).sum(dim=1, keepdim=True))
+
+
+def _apply(fn, x, dim, log, dtype):
     dim = check_softmax_args(fn, x, dim)
-    y = _SoftmaxFunction.apply(_as_rows(x, dim), log)
+    x, out_dtype = check_dtype(fn, x, dtype)
+    y = _SoftmaxFunction.apply(_as_rows(x, dim), log, out_dtype)
     return y.view(x.shape)
 
 
-def softmax(x, dim=-1):
-    """softmax along ``dim``, like torch.softmax(x, dim), with a backward that applies the
-    Jacobian diag(p) - p p^T to the upstream gradient without building it.
+def softmax(input, dim=-1, dtype=None):
+    """softmax along ``dim``, like torch.softmax(input, dim, dtype=dtype), with a backward that
+    applies the Jacobian diag(p) - p p^T to the upstream gradient without building it.
 
     Args:
-        x: tensor of float16/bfloat16/float32/float64, any shape (0-d and empty included)
+        input: tensor of float16/bfloat16/float32/float64, any shape (0-d and empty included)
             and any strides; arithmetic is fp32 (fp64 for float64).
         dim: int (default -1), the dimension to normalise over.
+        dtype: None (default: input's dtype) or the output's floating dtype, as in torch:
+            a narrower one rounds the input to it first; a wider one is read from the
+            input directly (no copy). The gradient has the input's dtype.
 
-    Returns: a contiguous tensor of x's shape and dtype; rows of x that are all -inf give
-    NaN, as in torch.
+    Returns: a contiguous tensor of the input's shape and of ``dtype``; rows of the input
+    that are all -inf, or hold a +inf, give NaN, as in torch.
     """
-    return _apply("softmax", x, dim, log=False)
+    return _apply("softmax", input, dim, False, dtype)
 
 
-def log_softmax(x, dim=-1):
-    """log_softmax along ``dim``, like torch.log_softmax(x, dim), computed as
+def log_softmax(input, dim=-1, dtype=None):
+    """log_softmax along ``dim``, like torch.log_softmax(input, dim, dtype=dtype), computed as
     (x - max) - log(sum exp(x - max)) so that it stays exact for large |x|; the backward
     is dx = g - exp(y) * sum(g), O(V) per row.
 
     Args and returns: as softmax; a -inf entry of a finite row gives -inf.
     """
-    return _apply("log_softmax", x, dim, log=True)
+    return _apply("log_softmax", input, dim, True, dtype)

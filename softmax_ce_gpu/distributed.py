@@ -39,11 +39,13 @@ rank: O(N), never O(N x V).
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import _checks, reference
 from ._backend import backend_for
-from ._reduction import acc_dtype, launch_options, reduce, reduction_scale, take_fused_grad
+from ._reduction import (acc_dtype, launch_options, no_second_order, reduce, reduction_scale,
+                         take_fused_grad)
+
+_SECOND_ORDER_HINT = "a differentiable gradient would need the collectives again"
 
 try:
     from .kernels import vocab_parallel as _vp_kernels
@@ -176,8 +178,14 @@ def _combine(part, W, shard, valid, opts, group):
 
 
 class _VocabParallelFunction(torch.autograd.Function):
+    """Outputs: (loss,) and, by mode, what backward needs (marked non-differentiable).
+
+    mode: None (no gradient), 'fused' (made in forward: 'mean'/'sum', not fp16, whose
+    gradient must meet a loss scaler's factor before it is rounded, as in loss.py) or
+    'late' (made in backward from the saved global max and log d)."""
+
     @staticmethod
-    def forward(ctx, x, t, opts, group, fn):
+    def forward(x, t, opts, group, fn, mode):
         backend = backend_for(fn, x)
         impl = _vp_kernels if backend is not reference else _TorchPath
         N, W = x.shape
@@ -187,12 +195,10 @@ class _VocabParallelFunction(torch.autograd.Function):
         valid = t != opts.ignore_index
         one = torch.ones((), dtype=acc, device=x.device)
         denom, grad_scale = reduction_scale(t, None, opts, False, N, acc, x.device)
-
-        need_grad = ctx.needs_input_grad[0]
-        fuse = need_grad and opts.reduction != "none"
+        fuse = mode == "fused"
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fuse else None
         if N == 0:  # the same on every rank (target is): no rank enters the collectives
-            loss_rows = row_max = row_logd = x.new_empty(0, dtype=acc)
+            loss_rows, row_max, row_logd = (x.new_empty(0, dtype=acc) for _ in range(3))
         else:
             part = impl.vocab_parallel_fwd(x, t, shard, ignore_index=opts.ignore_index,
                                            label_smoothing=opts.label_smoothing,
@@ -201,29 +207,47 @@ class _VocabParallelFunction(torch.autograd.Function):
             if fuse:
                 impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, one, grad_scale, grad,
                                         **launch_options(opts))
-        loss = reduce(loss_rows, denom, opts.reduction)
-        ctx.backend, ctx.impl, ctx.opts, ctx.fn = backend, impl, opts, fn
-        ctx.fused, ctx.consumed = fuse, False
+        loss = reduce(loss_rows, denom, opts.reduction).to(x.dtype)
         if fuse:
-            ctx.save_for_backward(grad)
-        elif need_grad:
-            ctx.save_for_backward(x, t, shard, row_max, row_logd, grad_scale)
-        return loss.to(x.dtype)
+            return loss, grad
+        if mode == "late":
+            return loss, shard, row_max, row_logd, grad_scale
+        return (loss,)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss):
-        if ctx.fused:
-            (grad,) = take_fused_grad(ctx, ctx.fn)
+    def setup_context(ctx, inputs, output):
+        x, t, opts, group, fn, mode = inputs
+        ctx.opts, ctx.fn, ctx.mode, ctx.consumed = opts, fn, mode, False
+        ctx.backend = backend_for(fn, x)
+        ctx.impl = _vp_kernels if ctx.backend is not reference else _TorchPath
+        ctx.mark_non_differentiable(*output[1:])
+        # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
+        ctx.set_materialize_grads(False)
+        if mode == "fused":
+            ctx.save_for_backward(output[1], output[0])
+        elif mode == "late":
+            ctx.save_for_backward(x, t, *output[1:], output[0])
+
+    @staticmethod
+    def backward(ctx, dloss, *_):
+        second_order = torch.is_grad_enabled()  # create_graph=True
+        if ctx.mode == "fused":
+            grad, loss = take_fused_grad(ctx, ctx.fn)
+            if second_order:
+                return (*no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, grad),
+                        None, None, None, None, None)
             if grad.numel():
                 ctx.backend.scale_grad(grad, dloss)
-            return grad, None, None, None, None
-        x, t, shard, row_max, row_logd, grad_scale = ctx.saved_tensors
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if x.shape[0]:
-            ctx.impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, dloss, grad_scale, grad,
-                                        **launch_options(ctx.opts))
-        return grad, None, None, None, None
+            return grad, None, None, None, None, None
+        x, t, shard, row_max, row_logd, grad_scale, loss = ctx.saved_tensors
+        with torch.no_grad():
+            grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if x.shape[0]:
+                ctx.impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, dloss, grad_scale,
+                                            grad, **launch_options(ctx.opts))
+        if second_order:
+            (grad,) = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, None, grad)
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_index=-100,
@@ -278,10 +302,14 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
         raise TypeError(f"{fn}: argument 'target' must hold integer class ids; probability "
                         f"targets (dtype {target.dtype}) are not supported")
     _checks.check_target(fn, logits_shard, target, opts.ignore_index)
-    target = _checks.as_class_ids(target)
+    target = _checks.as_class_ids(target, opts.ignore_index)
     x = logits_shard.unsqueeze(0) if logits_shard.dim() == 1 else logits_shard
     t = target.reshape(1) if target.dim() == 0 else target
-    loss = _VocabParallelFunction.apply(x, t, opts, group, fn)
+    mode = None
+    if torch.is_grad_enabled() and x.requires_grad:
+        fused = opts.reduction != "none" and x.dtype != torch.float16
+        mode = "fused" if fused else "late"
+    loss = _VocabParallelFunction.apply(x, t, opts, group, fn, mode)[0]
     if opts.reduction == "none" and logits_shard.dim() == 1:
         return loss.reshape(())
     return loss

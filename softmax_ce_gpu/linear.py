@@ -69,11 +69,11 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _checks
 from ._backend import backend_for
-from ._reduction import acc_dtype, launch_options, reduce, reduction_scale, take_fused_grad
+from ._reduction import (acc_dtype, launch_options, no_second_order, reduce, reduction_scale,
+                         take_fused_grad)
 
 _FN = "linear_cross_entropy"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -197,8 +197,11 @@ def _sweep(x, heads, V, chunk, need, ce_step):
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Outputs: (loss, ...) with what backward needs, marked non-differentiable: the three
+    gradients (None where not needed) when fused, else the per-row stats and grad_scale."""
+
     @staticmethod
-    def forward(ctx, x, lw, lb, t, weight, spec):
+    def forward(x, lw, lb, t, weight, spec):
         backend = backend_for(_FN, x)
         opts, launch = spec.opts, launch_options(spec.opts)
         N, V, D = x.shape[0], lw.shape[0], spec.heads
@@ -207,9 +210,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         # device-side denominator over all N * D rows, before any chunk runs
         denom, grad_scale = reduction_scale(t.reshape(-1), weight, opts, spec.prob, N * D, acc,
                                             x.device)
-        # fp16: gradients at backward time, when the upstream scale is known (see loss.py)
-        fuse = any(spec.need) and opts.reduction != "none" and x.dtype != torch.float16
-        keep_stats = any(spec.need) and not fuse
+        fuse, keep_stats = _fused(spec, x), any(spec.need) and not _fused(spec, x)
         loss_rows = torch.empty(D, N, dtype=acc, device=x.device)
         stats = torch.empty(3, D, N, dtype=acc, device=x.device) if keep_stats else None
 
@@ -228,20 +229,34 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             loss = loss_rows.t().to(x.dtype)  # (N, D): row n, head k
         else:
             loss = reduce(loss_rows, denom, opts.reduction).to(x.dtype)
-
-        ctx.backend, ctx.spec, ctx.fused, ctx.consumed = backend, spec, fuse, False
         if fuse:
-            ctx.save_for_backward(*_finish(gi, gw, gb, x, lw, lb))
-        elif keep_stats:
-            ctx.save_for_backward(x, lw, lb, t, weight, stats, grad_scale)
-        return loss
+            return (loss, *_finish(gi, gw, gb, x, lw, lb))
+        if keep_stats:
+            return loss, stats, grad_scale
+        return (loss,)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss):
-        spec = ctx.spec
+    def setup_context(ctx, inputs, output):
+        x, lw, lb, t, weight, spec = inputs
+        ctx.backend, ctx.spec, ctx.consumed = backend_for(_FN, x), spec, False
+        ctx.fused = _fused(spec, x)
+        ctx.mark_non_differentiable(*(o for o in output[1:] if o is not None))
+        # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
+        ctx.set_materialize_grads(False)
         if ctx.fused:
-            gi, gw, gb = ctx.saved_tensors
+            ctx.save_for_backward(output[0], *output[1:])
+        elif any(spec.need):
+            ctx.save_for_backward(output[0], x, lw, lb, t, weight, *output[1:])
+
+    @staticmethod
+    def backward(ctx, dloss, *_):
+        spec = ctx.spec
+        second_order = torch.is_grad_enabled()  # create_graph=True
+        if ctx.fused:
+            loss, gi, gw, gb = ctx.saved_tensors
+            if second_order:  # out of place, like the retain_graph case
+                return (*no_second_order(_FN, _SECOND_ORDER_HINT, loss, dloss, gi, gw, gb),
+                        None, None, None)
             if spec.retain:
                 return (*(None if g is None else g * dloss for g in (gi, gw, gb)),
                         None, None, None)
@@ -251,20 +266,33 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 if g is not None:
                     _scale_flat(ctx.backend, g, dloss)
             return gi, gw, gb, None, None, None
-        x, lw, lb, t, weight, stats, grad_scale = ctx.saved_tensors
+        loss, x, lw, lb, t, weight, stats, grad_scale = ctx.saved_tensors
         N, V, D = x.shape[0], lw.shape[0], spec.heads
-        heads = _heads(x, lw, lb, t, spec)
-        dl = dloss.expand(N, D) if dloss.dim() == 0 else dloss.reshape(N, D)
-        launch = launch_options(spec.opts)
+        with torch.no_grad():
+            heads = _heads(x, lw, lb, t, spec)
+            dl = dloss.expand(N, D) if dloss.dim() == 0 else dloss.reshape(N, D)
+            launch = launch_options(spec.opts)
 
-        def ce_step(k, r0, r1, logits):
-            ctx.backend.cross_entropy_bwd(logits, heads[k][2][r0:r1], weight,
-                                          stats[0, k, r0:r1], stats[1, k, r0:r1],
-                                          stats[2, k, r0:r1], dl[r0:r1, k], grad_scale, logits,
-                                          **launch)
+            def ce_step(k, r0, r1, logits):
+                ctx.backend.cross_entropy_bwd(logits, heads[k][2][r0:r1], weight,
+                                              stats[0, k, r0:r1], stats[1, k, r0:r1],
+                                              stats[2, k, r0:r1], dl[r0:r1, k], grad_scale,
+                                              logits, **launch)
 
-        gi, gw, gb = _sweep(x, heads, V, spec.chunk, spec.need, ce_step)
-        return (*_finish(gi, gw, gb, x, lw, lb), None, None, None)
+            grads = _finish(*_sweep(x, heads, V, spec.chunk, spec.need, ce_step), x, lw, lb)
+        if second_order:
+            grads = no_second_order(_FN, _SECOND_ORDER_HINT, loss, None, *grads)
+        return (*grads, None, None, None)
+
+
+def _fused(spec, x):
+    """Whether forward makes the gradients: 'mean'/'sum' with a gradient needed, not fp16
+    (whose gradient must meet the upstream scale before it is rounded, see loss.py)."""
+    return any(spec.need) and spec.opts.reduction != "none" and x.dtype != torch.float16
+
+
+_SECOND_ORDER_HINT = ("linear_cross_entropy's gradients are made chunk by chunk from logits "
+                      "it never keeps; use torch.nn.functional.linear_cross_entropy")
 
 
 def _scale_flat(backend, g, dloss):
@@ -416,14 +444,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                              f"{tuple(linear_weight.shape)}, got {tuple(target.shape)}")
     opts = _checks.check_options(_FN, -100 if ignore_index is None else ignore_index, reduction,
                                  label_smoothing, z_loss, softcap)
-    _checks.check_weight(_FN, input, weight, V)
+    weight = _checks.check_weight(_FN, input, weight, V)
     chunk_size = _check_chunk(chunk_size, options)
     if not prob:
-        target = _checks.as_class_ids(target)
+        target = _checks.as_class_ids(target, opts.ignore_index)
         _checks.check_class_range(_FN, target, V, opts.ignore_index)
 
-    if weight is not None:
-        weight = weight.contiguous()  # the launchers read (V,) class weights contiguously
     x = input.reshape(-1, H)
     N, D = x.shape[0], math.prod(out_features)
     # (N, V * D) probabilities, (N, D) class ids of K-dim heads, (N,) class ids of one head
@@ -435,7 +461,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         chunk_size = _default_chunk_size(N, V, H, D, input.element_size(), input.device)
     spec = _Spec(opts, prob, D, chunk_size, need,
                  bool(getattr(options, "allow_retain_graph", False)))
-    loss = _LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight, spec)
+    loss = _LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight, spec)[0]
     if opts.reduction == "none":
         loss = loss.reshape(batch + out_features)
     return loss

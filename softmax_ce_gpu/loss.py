@@ -3,21 +3,34 @@
 A call flows one way: check the inputs, flatten to (N, V), pick the backend,
 run the autograd Function, which calls the launchers.
 
-Gradient strategy:
-- reduction 'mean' or 'sum' with a gradient needed: the forward kernel writes the
-  gradient of the reduced loss while each row is still in L2 (fused); backward
-  only multiplies it by the upstream scalar, a no-op decided on the device when
-  that scalar is 1. Not for fp16 logits (see _late_scale), which take the next path.
-- reduction 'none', or no gradient needed: forward saves the per-row max, log d
-  and S (12 bytes a row); backward reads the logits once and writes the gradient
-  times the per-row upstream gradient.
+Gradient strategy (the mode, decided on the host from flags alone, see _grad_mode):
+- no gradient can be taken (torch.no_grad, inference_mode, or an input that does not
+  require grad): forward only; the caller's logits are never written.
+- 'fused': reduction 'mean' or 'sum' with a gradient needed: the forward kernel writes
+  the gradient of the reduced loss while each row is still in L2; backward only
+  multiplies it by the upstream scalar, a no-op decided on the device when that scalar
+  is 1. Not for fp16 logits (see _late_scale), which take the next path.
+- 'late': reduction 'none' or fp16 logits: forward saves the per-row max, log d and S
+  (12 bytes a row); backward reads the logits once and writes the gradient times the
+  upstream gradient.
+- '_inplace' variants of both write the gradient over the logits (inplace_backward).
+
+Double backward (create_graph=True): the 'late' path recomputes its gradient with
+differentiable torch operations from the saved logits, so any order of derivative is
+torch's; the 'fused' path has no logits left to differentiate, so it hands out the
+gradient through a node whose own backward raises (first-order uses such as
+torch.func.grad still work).
 """
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import _checks, _ops
-from ._reduction import acc_dtype, reduce, reduction_scale, take_fused_grad
+from . import _checks, _ops, reference
+from ._reduction import acc_dtype, no_second_order, reduce, reduction_scale, take_fused_grad
+
+_SECOND_ORDER_HINT = (
+    "the gradient of reduction 'mean' or 'sum' is made in forward, from logits that are gone; "
+    "compute the loss with reduction='none' and reduce it yourself (that path recomputes its "
+    "gradient differentiably), or use torch.nn.functional.cross_entropy")
 
 
 def _flatten(logits, target, prob):
@@ -62,6 +75,7 @@ def _forward(x, t, weight, opts, prob, grad_into):
     grad = None
     if grad_into is None or grad_into == "new":
         *stats, grad = _ops.cross_entropy_fwd(x, t, *args, grad_into == "new")
+        grad = grad if grad_into == "new" else None
     elif isinstance(grad_into, str):
         stats = _ops.cross_entropy_fwd_inplace(x, t, *args)
         grad = x
@@ -82,151 +96,209 @@ def _late_scale(x):
     return x.dtype == torch.float16
 
 
+def _grad_mode(x, opts, inplace_backward):
+    """How this call makes its gradient (see the module docstring): None when no gradient can
+    be taken, else 'fused' or 'late', with '_inplace' when it overwrites the logits."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    mode = "late" if opts.reduction == "none" or _late_scale(x) else "fused"
+    return mode + "_inplace" if inplace_backward else mode
+
+
+def _differentiable_grad(x, t, weight, opts, prob, dloss, grad_scale):
+    """dloss * grad_scale * dl/dx from torch operations that autograd can differentiate again.
+
+    The same math as the kernels (kernels/cross_entropy.py), written with softmax and
+    logsumexp so that every derivative of it is torch's. Used only under create_graph=True.
+    """
+    acc = acc_dtype(x)
+    V = x.shape[1]
+    xa = x.to(acc)
+    if opts.softcap is None:
+        z = xa
+    else:
+        c = opts.softcap
+        pad = xa == float("-inf")
+        th = torch.tanh(torch.where(pad, torch.zeros_like(xa), xa) / c)
+        z = torch.where(pad, xa, c * th)
+    y, valid, _ = reference._target_matrix(t, weight, V, opts.ignore_index,
+                                           opts.label_smoothing, acc)
+    lse = torch.logsumexp(z, dim=1)
+    p = torch.exp(z - lse[:, None])
+    coef = y.sum(dim=1) + 2.0 * opts.z_loss * lse
+    scale = (dloss.to(acc) * grad_scale.to(acc)).expand(x.shape[0])
+    g = (p * coef[:, None] - y) * torch.where(valid, scale, torch.zeros_like(scale))[:, None]
+    if opts.softcap is not None:
+        g = g * torch.where(pad, torch.zeros_like(th), 1.0 - th * th)
+    return g.to(x.dtype)
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
+    """Outputs: (loss,) and, by mode, what backward needs (marked non-differentiable)."""
+
+    generate_vmap_rule = True  # its ops have vmap rules (_ops.py)
+
     @staticmethod
-    def forward(ctx, x, t, weight, opts, prob, inplace_backward, fn):
-        need_grad = ctx.needs_input_grad[0]
-        fuse = need_grad and opts.reduction != "none" and not _late_scale(x)
-        grad_into = ("logits" if inplace_backward else "new") if fuse else None
+    def forward(x, t, weight, opts, prob, mode, fn):
+        grad_into = {"fused": "new", "fused_inplace": "logits"}.get(mode)
         loss, (_, row_max, row_logd, row_s), grad_scale, grad = _forward(x, t, weight, opts, prob,
                                                                          grad_into)
-        ctx.opts, ctx.fn = opts, fn
-        ctx.fused, ctx.inplace, ctx.consumed = fuse, inplace_backward, False
-        if fuse:
-            # with inplace_backward the op declared its write into x (its version is bumped):
-            # any other saved use of the old logits fails loudly
-            ctx.save_for_backward(grad)
-        elif need_grad:
-            ctx.save_for_backward(x, t, weight, row_max, row_logd, row_s, grad_scale)
-        return loss
+        if mode == "fused":
+            return loss, grad
+        if mode in ("late", "late_inplace"):
+            return loss, row_max, row_logd, row_s, grad_scale
+        return (loss,)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss):
-        if ctx.fused:
-            (grad,) = take_fused_grad(ctx, ctx.fn)
+    def setup_context(ctx, inputs, output):
+        x, t, weight, opts, prob, mode, fn = inputs
+        ctx.opts, ctx.prob, ctx.mode, ctx.fn, ctx.consumed = opts, prob, mode, fn, False
+        ctx.mark_non_differentiable(*output[1:])
+        # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
+        ctx.set_materialize_grads(False)
+        if mode == "fused":
+            ctx.save_for_backward(output[1], output[0])
+        elif mode == "fused_inplace":
+            # the op declared its write into x (its version is bumped): any other saved use
+            # of the old logits fails loudly
+            ctx.save_for_backward(x, output[0])
+        elif mode in ("late", "late_inplace"):
+            ctx.save_for_backward(x, t, weight, *output[1:])
+
+    @staticmethod
+    def backward(ctx, dloss, *_):
+        nones = (None,) * 6
+        if ctx.mode in ("fused", "fused_inplace"):
+            grad, loss = take_fused_grad(ctx, ctx.fn)
+            if torch.is_grad_enabled():  # create_graph=True: the logits are gone
+                (grad,) = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, grad)
+                return (grad, *nones)
             _ops.scale_grad_(grad, dloss)
-            return grad, None, None, None, None, None, None
+            return (grad, *nones)
         x, t, weight, row_max, row_logd, row_s, grad_scale = ctx.saved_tensors
         o = ctx.opts
+        if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
+            return (_differentiable_grad(x, t, weight, o, ctx.prob, dloss, grad_scale), *nones)
         args = (x, t, weight, row_max, row_logd, row_s, dloss, grad_scale, o.ignore_index,
                 o.label_smoothing, o.z_loss, o.softcap)
-        if ctx.inplace:
+        if ctx.mode == "late_inplace":
             _ops.cross_entropy_bwd_inplace(*args)
-            grad = x
-        else:
-            grad = _ops.cross_entropy_bwd(*args)
-        return grad, None, None, None, None, None, None
+            return (x, *nones)
+        return (_ops.cross_entropy_bwd(*args), *nones)
 
 
-def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False):
-    """Softmax cross-entropy with torch.nn.functional.cross_entropy's semantics, fused.
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                  inplace_backward=False):
+    """Softmax cross-entropy with torch.nn.functional.cross_entropy's signature and values, fused.
 
-    Args:
-        logits: (N, V), (V,) or (N, V, d1, ...) float16/bfloat16/float32/float64; any strides
-            for (N, V).
+    Args (torch's, in torch's order):
+        input: (N, V), (V,) or (N, V, d1, ...) float16/bfloat16/float32/float64 logits; any
+            strides for (N, V).
         target: class ids of shape (N,) / () / (N, d1, ...) in any integer dtype, each in
-            [0, V) or equal to ignore_index; or probabilities of the logits' shape.
-        weight: None (default) or (V,) class weights of the logits' dtype.
+            [0, V) or equal to ignore_index; or probabilities of the input's shape.
+        weight: None (default) or (V,) class weights of any floating dtype (computed in fp32,
+            fp64 for fp64 input), any strides.
+        size_average, reduce: deprecated, as in torch: when either is given it decides the
+            reduction (with torch's warning).
         ignore_index: rows whose class id equals it count for nothing (default -100);
-            class-id targets only, as in torch.
+            class-id targets only; with probability targets only a negative value is
+            accepted (and has no effect), as in torch.
         reduction: 'mean' (default; over the weights of the non-ignored rows, or N for
             probabilities; NaN when that is 0), 'sum', or 'none' (per-row losses).
         label_smoothing: in [0, 1] (default 0.0), torch's definition.
+
+    Keyword-only extras:
         z_loss: >= 0 (default 0.0): adds z_loss * lse^2 to each non-ignored row's loss
             (unweighted), reduced like the rest.
         softcap: None (default) or c > 0: the logits become c * tanh(logits / c) first; a
             -inf logit stays -inf.
-        inplace_backward: False (default). True writes the gradient into the logits' storage
-            (no N x V allocation): the logits' values are then gone, and their version counter
-            is bumped so that any other autograd use of them fails loudly. For inputs of rank
-            > 2 the gradient goes into the internal channels-last copy instead.
+        inplace_backward: False (default). True writes the gradient into the input's storage
+            (no N x V allocation): the input's values are then gone, and its version counter
+            is bumped so that any other autograd use of it fails loudly. For inputs of rank
+            > 2 the gradient goes into the internal channels-last copy instead. Nothing is
+            written when no gradient can be taken (torch.no_grad, inference_mode).
 
-    Returns: the loss, of the logits' dtype: a scalar, or the batch shape for 'none'.
+    Returns: the loss, of the input's dtype: a scalar, or the batch shape for 'none'.
 
     Deviation from torch, by design: with probability targets, a class with target 0 and
     logit -inf (vocabulary padding) contributes 0 to the loss, where torch gives NaN.
     """
     fn = "cross_entropy"
-    opts, _, prob, target = _checks.check_cross_entropy(fn, logits, target, weight, ignore_index,
-                                                        reduction, label_smoothing, z_loss,
-                                                        softcap)
+    reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    opts, _, prob, target, weight = _checks.check_cross_entropy(
+        fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     _checks.check_bool(fn, "inplace_backward", inplace_backward)
-    x, t = _flatten(logits, target, prob)
-    loss = _CrossEntropyFunction.apply(x, t, weight, opts, prob, inplace_backward, fn)
-    return loss.reshape(_batch_shape(logits)) if opts.reduction == "none" else loss
+    x, t = _flatten(input, target, prob)
+    mode = _grad_mode(input, opts, inplace_backward)
+    loss = _CrossEntropyFunction.apply(x, t, weight, opts, prob, mode, fn)[0]
+    return loss.reshape(_batch_shape(input)) if opts.reduction == "none" else loss
 
 
-def cross_entropy_with_grad(logits, target, weight=None, ignore_index=-100, reduction="mean",
-                            label_smoothing=0.0, *, z_loss=0.0, softcap=None, out=None):
-    """(loss, dlogits) in one fused pass, without autograd.
+def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignore_index=-100,
+                            reduce=None, reduction="mean", label_smoothing=0.0, *, z_loss=0.0,
+                            softcap=None, out=None):
+    """(loss, dinput) in one fused pass, without autograd.
 
-    Same arguments as cross_entropy. dlogits is the derivative of the returned loss
-    with respect to the logits, of their shape and dtype; for reduction='none' it is
-    the derivative of the sum of the per-row losses (row r holds d loss_r / d logits_r).
-    out: None (default: a new tensor) or a tensor of the logits' shape, dtype and device
-    to write dlogits into; it may be the logits themselves (an in-place gradient) but must
-    not otherwise overlap them.
+    Same arguments as cross_entropy. dinput is the derivative of the returned loss
+    with respect to the input, of its shape and dtype; for reduction='none' it is
+    the derivative of the sum of the per-row losses (row r holds d loss_r / d input_r).
+    out: None (default: a new tensor) or a tensor of the input's shape, dtype and device,
+    any strides, to write dinput into; it may be the input itself (an in-place gradient)
+    but must not otherwise overlap the input, the target or the weight, nor itself.
     """
     fn = "cross_entropy_with_grad"
-    opts, _, prob, target = _checks.check_cross_entropy(fn, logits, target, weight, ignore_index,
-                                                        reduction, label_smoothing, z_loss,
-                                                        softcap)
-    if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{fn}: argument 'out' must be a torch.Tensor or None, "
-                            f"got {type(out).__name__}")
-        if out.dtype != logits.dtype:
-            raise TypeError(f"{fn}: argument 'out' must have dtype {logits.dtype}, got {out.dtype}")
-        if out.shape != logits.shape or out.device != logits.device:
-            raise ValueError(f"{fn}: argument 'out' must have shape {tuple(logits.shape)} on "
-                             f"{logits.device}, got {tuple(out.shape)} on {out.device}")
+    reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    opts, _, prob, target, weight = _checks.check_cross_entropy(
+        fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    in_place = _checks.check_out(fn, out, input, (target,))
     with torch.no_grad():
-        x, t = _flatten(logits, target, prob)
-        if out is None or logits.dim() > 2:
+        x, t = _flatten(input, target, prob)
+        if out is None or input.dim() > 2:
             grad_into = "new"
-        elif out is logits:
+        elif in_place:
             grad_into = "logits"
         else:
-            grad_into = out.unsqueeze(0) if logits.dim() == 1 else out
+            grad_into = out.unsqueeze(0) if input.dim() == 1 else out
         loss, _, _, grad = _forward(x, t, weight, opts, prob, grad_into)
-        dlogits = _unflatten_grad(grad, logits)
+        dinput = _unflatten_grad(grad, input)
         if out is not None:
-            if logits.dim() > 2:  # computed channels-last: copy into the caller's layout
-                out.copy_(dlogits)
-            dlogits = out
+            if input.dim() > 2:  # computed channels-last: copy into the caller's layout
+                out.copy_(dinput)
+            dinput = out
     if opts.reduction == "none":
-        loss = loss.reshape(_batch_shape(logits))
-    return loss, dlogits
+        loss = loss.reshape(_batch_shape(input))
+    return loss, dinput
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """nn.Module like torch.nn.CrossEntropyLoss, running softmax_ce_gpu.cross_entropy.
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss running softmax_ce_gpu.cross_entropy (a subclass of it).
 
-    Same options as cross_entropy; weight is registered as a buffer (it follows .to()).
+    Same constructor as torch's (weight, size_average, ignore_index, reduce, reduction,
+    label_smoothing), plus the keyword-only extras z_loss, softcap and inplace_backward of
+    cross_entropy; weight is the buffer 'weight', so state dicts load both ways.
     """
 
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                 z_loss=0.0, softcap=None, inplace_backward=False):
-        super().__init__()
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                 inplace_backward=False):
         fn = "CrossEntropyLoss"
+        reduction = _checks.legacy_reduction(size_average, reduce, reduction)
         opts = _checks.check_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap)
         _checks.check_bool(fn, "inplace_backward", inplace_backward)
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise TypeError(f"{fn}: argument 'weight' must be a torch.Tensor or None, "
                             f"got {type(weight).__name__}")
-        self.register_buffer("weight", weight)
-        self.ignore_index = opts.ignore_index
-        self.reduction = opts.reduction
-        self.label_smoothing = opts.label_smoothing
+        super().__init__(weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
+                         label_smoothing=opts.label_smoothing)
         self.z_loss = opts.z_loss
         self.softcap = opts.softcap
         self.inplace_backward = inplace_backward
 
     def forward(self, input, target):
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                             self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             z_loss=self.z_loss, softcap=self.softcap,
                              inplace_backward=self.inplace_backward)
 
     def extra_repr(self):

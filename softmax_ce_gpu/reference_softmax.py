@@ -14,7 +14,7 @@ from ._reduction import acc_dtype
 
 def softmax_fwd(x, y, *, log):
     """Same contract as softmax_ce_gpu.kernels.softmax.softmax_fwd."""
-    z = x.to(acc_dtype(x))
+    z = x.to(torch.promote_types(acc_dtype(x), acc_dtype(y)))
     m = z.amax(dim=1, keepdim=True)
     # a row of -inf only: keep exponents finite; (z - m) is then NaN, as in torch
     m_ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
@@ -22,14 +22,15 @@ def softmax_fwd(x, y, *, log):
     # log d = log1p(s), s = d - 1 the sum without one max element's exp(0) = 1
     first_max = z.argmax(dim=1, keepdim=True)
     s = e.scatter(1, first_max, 0.0).sum(dim=1, keepdim=True) - (m == float("-inf")).to(e.dtype)
-    logd = torch.log1p(s)
+    # a +inf entry: torch's whole row is NaN (inf - inf), here through log d
+    logd = torch.where(m == float("inf"), torch.full_like(s, float("nan")), torch.log1p(s))
     out = (z - m) - logd
     return y.copy_(out if log else torch.exp(out))
 
 
 def softmax_bwd(y, dy, dx, *, log):
     """Same contract as softmax_ce_gpu.kernels.softmax.softmax_bwd."""
-    acc = acc_dtype(y)
+    acc = torch.promote_types(acc_dtype(y), acc_dtype(dx))
     yy, g = y.to(acc), dy.to(acc)
     if log:
         # J = I - 1 p^T:  dx = g - p sum(g)

@@ -68,6 +68,28 @@ def test_compiled_matches_eager(backend):
         assert_close(g, r, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_dynamic_shapes_and_float_options(backend):
+    """dynamic=True: shapes and Python floats (label_smoothing, z_loss, softcap) are symbolic;
+    the option checks must not call math functions on them."""
+    torch._dynamo.reset()
+
+    def f(x, t, ls, zl, cap):
+        return sc.cross_entropy(x, t, label_smoothing=ls, z_loss=zl, softcap=cap)
+
+    compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=True)
+    for N, V, ls in ((5, 30, 0.1), (7, 33, 0.2)):
+        x = torch.randn(N, V, device=DEVICE)
+        t = torch.randint(0, V, (N,), device=DEVICE)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = compiled(xa, t, ls, 1e-3, 20.0)
+        ref = f(xb, t, ls, 1e-3, 20.0)
+        out.backward()
+        ref.backward()
+        assert_close(out, ref, torch.float32)
+        assert_close(xa.grad, xb.grad, torch.float32)
+
+
 def test_with_grad_compiles():
     torch._dynamo.reset()
     x = torch.randn(5, 30, device=DEVICE)
@@ -138,9 +160,11 @@ def test_opcheck_cross_entropy_ops(case):
 def test_opcheck_softmax_ops():
     x = torch.randn(3, 50, 2, device=DEVICE)
     for log in (False, True):
-        torch.library.opcheck(_ops.softmax_fwd, (x, log))
-        y = _ops.softmax_fwd(x, log)
-        torch.library.opcheck(_ops.softmax_bwd, (y, torch.randn_like(y), log))
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            torch.library.opcheck(_ops.softmax_fwd, (xd, log, torch.float32))
+            y = _ops.softmax_fwd(xd, log, torch.float32)
+            torch.library.opcheck(_ops.softmax_bwd, (y, torch.randn_like(y), log, dtype))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (CUDA graph capture)")
