@@ -24,7 +24,7 @@ Both are J^T g with J = diag(p) - p p^T (see kernels/softmax.py), never built.
 import numbers
 
 import torch
-from . import _ops
+from . import _autocast, _ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -60,7 +60,8 @@ def _as_rows(x, dim):
 
 
 def check_dtype(fn, x, dtype):
-    """torch's dtype= of softmax: None (x's dtype) or a floating dtype the output takes.
+    """torch's dtype= of softmax: None (x's dtype, or what autocast makes it: see _autocast)
+    or a floating dtype the output takes.
 
     Returns (x to read, output dtype): x is cast first only when dtype is narrower than x
     (that is torch's order: cast, then softmax); a wider dtype is read from x as it is (the
@@ -68,7 +69,7 @@ def check_dtype(fn, x, dtype):
     runs on the float64 path, with x cast to float64.
     """
     if dtype is None:
-        return x, x.dtype
+        return x, _autocast.softmax_dtype(x)
     if not isinstance(dtype, torch.dtype) or dtype not in _DTYPES:
         raise TypeError(f"{fn}: argument 'dtype' must be None or one of float16, bfloat16, "
                         f"float32, float64, got {dtype!r}")

@@ -70,7 +70,7 @@ from typing import Tuple
 
 import torch
 
-from . import _checks
+from . import _autocast, _checks
 from ._backend import backend_for
 from ._reduction import (acc_dtype, launch_options, no_second_order, reduce, reduction_scale,
                          take_fused_grad)
@@ -134,6 +134,7 @@ class _Spec:
     chunk: int                    # rows per chunk
     need: Tuple[bool, bool, bool]  # gradients of input, linear_weight, linear_bias
     retain: bool                  # allow a second backward through the fused path
+    loss_dtype: torch.dtype       # the input's, or fp32 for fp16/bf16 under autocast
 
 
 def _heads(x, lw, lb, t, spec):
@@ -202,6 +203,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, lw, lb, t, weight, spec):
+        with _autocast.off(x.device.type):
+            return _LinearCrossEntropyFunction._forward(x, lw, lb, t, weight, spec)
+
+    @staticmethod
+    def _forward(x, lw, lb, t, weight, spec):
         backend = backend_for(_FN, x)
         opts, launch = spec.opts, launch_options(spec.opts)
         N, V, D = x.shape[0], lw.shape[0], spec.heads
@@ -226,9 +232,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         gi, gw, gb = _sweep(x, heads, V, spec.chunk, spec.need if fuse else (False,) * 3, ce_step)
 
         if opts.reduction == "none":
-            loss = loss_rows.t().to(x.dtype)  # (N, D): row n, head k
+            loss = loss_rows.t().to(spec.loss_dtype)  # (N, D): row n, head k
         else:
-            loss = reduce(loss_rows, denom, opts.reduction).to(x.dtype)
+            loss = reduce(loss_rows, denom, opts.reduction).to(spec.loss_dtype)
         if fuse:
             return (loss, *_finish(gi, gw, gb, x, lw, lb))
         if keep_stats:
@@ -250,6 +256,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, *_):
+        with _autocast.off(dloss.device.type):
+            return _LinearCrossEntropyFunction._backward(ctx, dloss)
+
+    @staticmethod
+    def _backward(ctx, dloss):
         spec = ctx.spec
         second_order = torch.is_grad_enabled()  # create_graph=True
         if ctx.fused:
@@ -395,6 +406,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     them would need a host sync).
     """
     _check_tensor("input", input)
+    if isinstance(linear_weight, torch.Tensor) and isinstance(linear_bias, (torch.Tensor, type(None))):
+        # under torch.autocast, the operands of the linear as F.linear would see them
+        input, linear_weight, linear_bias = _autocast.linear_operands(input, linear_weight,
+                                                                      linear_bias)
     if input.dtype not in _DTYPES:
         raise TypeError(f"{_FN}: argument 'input' must be float16, bfloat16, float32 or float64, "
                         f"got dtype {input.dtype}")
@@ -460,7 +475,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if chunk_size is None:
         chunk_size = _default_chunk_size(N, V, H, D, input.element_size(), input.device)
     spec = _Spec(opts, prob, D, chunk_size, need,
-                 bool(getattr(options, "allow_retain_graph", False)))
+                 bool(getattr(options, "allow_retain_graph", False)), _autocast.loss_dtype(input))
     loss = _LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight, spec)[0]
     if opts.reduction == "none":
         loss = loss.reshape(batch + out_features)

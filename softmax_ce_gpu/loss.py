@@ -24,7 +24,7 @@ torch.func.grad still work).
 
 import torch
 
-from . import _checks, _ops, reference
+from . import _autocast, _checks, _ops, reference
 from ._reduction import acc_dtype, no_second_order, reduce, reduction_scale, take_fused_grad
 
 _SECOND_ORDER_HINT = (
@@ -64,8 +64,9 @@ def _batch_shape(logits):
     return (logits.shape[0],) + tuple(logits.shape[2:])
 
 
-def _forward(x, t, weight, opts, prob, grad_into):
-    """Reduced loss, per-row stats, grad_scale and the fused gradient of 2-D inputs.
+def _forward(x, t, weight, opts, prob, grad_into, loss_dtype):
+    """Reduced loss (of loss_dtype), per-row stats, grad_scale and the fused gradient of 2-D
+    inputs.
 
     grad_into: None (no gradient), "new" (a new tensor), "logits" (overwrite x), or a
     tensor to write the gradient into. N = 0 launches nothing.
@@ -82,7 +83,7 @@ def _forward(x, t, weight, opts, prob, grad_into):
     else:
         stats = _ops.cross_entropy_fwd_out(x, t, *args, grad_into)
         grad = grad_into
-    loss = reduce(stats[0], denom, opts.reduction).to(x.dtype)
+    loss = reduce(stats[0], denom, opts.reduction).to(loss_dtype)
     return loss, stats, grad_scale, grad
 
 
@@ -139,10 +140,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
     generate_vmap_rule = True  # its ops have vmap rules (_ops.py)
 
     @staticmethod
-    def forward(x, t, weight, opts, prob, mode, fn):
+    def forward(x, t, weight, opts, prob, mode, fn, loss_dtype):
         grad_into = {"fused": "new", "fused_inplace": "logits"}.get(mode)
         loss, (_, row_max, row_logd, row_s), grad_scale, grad = _forward(x, t, weight, opts, prob,
-                                                                         grad_into)
+                                                                         grad_into, loss_dtype)
         if mode == "fused":
             return loss, grad
         if mode in ("late", "late_inplace"):
@@ -151,7 +152,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, t, weight, opts, prob, mode, fn = inputs
+        x, t, weight, opts, prob, mode, fn, _ = inputs
         ctx.opts, ctx.prob, ctx.mode, ctx.fn, ctx.consumed = opts, prob, mode, fn, False
         ctx.mark_non_differentiable(*output[1:])
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
@@ -167,7 +168,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, *_):
-        nones = (None,) * 6
+        nones = (None,) * 7
         if ctx.mode in ("fused", "fused_inplace"):
             grad, loss = take_fused_grad(ctx, ctx.fn)
             if torch.is_grad_enabled():  # create_graph=True: the logits are gone
@@ -219,7 +220,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             > 2 the gradient goes into the internal channels-last copy instead. Nothing is
             written when no gradient can be taken (torch.no_grad, inference_mode).
 
-    Returns: the loss, of the input's dtype: a scalar, or the batch shape for 'none'.
+    Returns: the loss, of the input's dtype (float32 for fp16/bf16 input under
+    torch.autocast, as torch's), a scalar or the batch shape for 'none'. The gradient has
+    the input's dtype.
 
     Deviation from torch, by design: with probability targets, a class with target 0 and
     logit -inf (vocabulary padding) contributes 0 to the loss, where torch gives NaN.
@@ -231,7 +234,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     _checks.check_bool(fn, "inplace_backward", inplace_backward)
     x, t = _flatten(input, target, prob)
     mode = _grad_mode(input, opts, inplace_backward)
-    loss = _CrossEntropyFunction.apply(x, t, weight, opts, prob, mode, fn)[0]
+    loss = _CrossEntropyFunction.apply(x, t, weight, opts, prob, mode, fn,
+                                       _autocast.loss_dtype(input))[0]
     return loss.reshape(_batch_shape(input)) if opts.reduction == "none" else loss
 
 
@@ -260,7 +264,8 @@ def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignor
             grad_into = "logits"
         else:
             grad_into = out.unsqueeze(0) if input.dim() == 1 else out
-        loss, _, _, grad = _forward(x, t, weight, opts, prob, grad_into)
+        loss, _, _, grad = _forward(x, t, weight, opts, prob, grad_into,
+                                    _autocast.loss_dtype(input))
         dinput = _unflatten_grad(grad, input)
         if out is not None:
             if input.dim() > 2:  # computed channels-last: copy into the caller's layout

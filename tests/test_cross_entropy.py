@@ -279,3 +279,14 @@ def test_unit_upstream_gradient_is_one_rounding(dtype, reduction, opts):
     ref, x64 = reference(x, t, w, reduction=reduction, **opts)
     ref.backward()
     assert_close(xg.grad, x64.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_class_weights_of_another_dtype(dtype, wdtype, reduction):
+    """Weights of any floating dtype with logits of any dtype (torch wants them equal; we read
+    them as fp32), against torch on float64 copies of the same values."""
+    x, t, _ = make_case(7, 200, dtype, ignore=True)
+    w = (torch.rand(200, device=DEVICE) + 0.1).to(wdtype)
+    check(x, t, w, dtype=dtype, reduction=reduction, label_smoothing=0.1)
