@@ -161,10 +161,10 @@ def capture(cfg, module=None):
             kw = dict(ignore_index=-100, label_smoothing=o["label_smoothing"],
                       z_loss=o["z_loss"], softcap=o["softcap"])
             if cfg.kernel == "bwd":
-                rows = [torch.empty(N, dtype=torch.float32) for _ in range(3)]
+                stats = torch.empty(4, N, dtype=torch.float32)
                 # backward-time path = reduction 'none': one upstream gradient per row
                 dloss = torch.ones(N, dtype=dtype)
-                module.cross_entropy_bwd(logits, target, weight, *rows, dloss,
+                module.cross_entropy_bwd(logits, target, weight, stats, dloss,
                                          torch.ones((), dtype=torch.float32),
                                          torch.empty_like(logits), **kw)
             elif cfg.kernel == "fused":

@@ -3,6 +3,7 @@
     softmax-ce-bench [--shapes 8192x128256,...] [--dtypes bf16,...] [--ops cross_entropy]
                      [--modes fwd,fwd+bwd] [--providers softmax_ce_gpu,torch,...] [--out DIR]
     softmax-ce-bench inspect ...        (bench/inspect.py, imported only for this subcommand)
+    softmax-ce-bench overhead ...       (bench/overhead.py: host time per call, launches stubbed)
 
 With a CUDA device the defaults are the goal shapes of DESIGN.md section 5 in bf16.
 Without one it runs a CPU mode (small shapes, fp32) that checks every provider that runs
@@ -63,7 +64,7 @@ def _parser():
         description="Benchmark softmax cross-entropy providers: correctness against a float64 "
                     "reference first, then time (median, p20, p80), effective GB/s, fraction of "
                     "the device copy bandwidth, speed-up against torch eager, peak extra memory. "
-                    "Subcommand: 'softmax-ce-bench inspect ...'.")
+                    "Subcommands: 'softmax-ce-bench inspect ...', 'softmax-ce-bench overhead ...'.")
     p.add_argument("--shapes", type=_shapes, default=None,
                    help=f"comma-separated NxV (default on GPU: {GPU_SHAPES}; on CPU: {CPU_SHAPES})")
     p.add_argument("--dtypes", default=None,
@@ -152,6 +153,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["inspect"]:
         return _run_inspect(argv[1:])
+    if argv[:1] == ["overhead"]:
+        from .overhead import main as overhead_main
+        return overhead_main(argv[1:])
     parser = _parser()
     try:
         args = parser.parse_args(argv)

@@ -18,7 +18,8 @@ from .cross_entropy import (  # noqa: E402
     cross_entropy_fwd,
     scale_grad,
 )
+from .reduction import loss_reduce, loss_scale  # noqa: E402
 from .softmax import softmax_bwd, softmax_fwd  # noqa: E402
 
 __all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_bwd", "scale_grad",
-           "softmax_fwd", "softmax_bwd"]
+           "loss_scale", "loss_reduce", "softmax_fwd", "softmax_bwd"]

@@ -58,6 +58,7 @@ from .tuning import row_config
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): exp2 is one MUFU.EX2
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_FLT_MAX_PY = 3.4028234663852886e38
 
 
 @triton.jit
@@ -228,16 +229,15 @@ def _cross_entropy_fwd_kernel(
     logits_ptr,      # (N, V) fp32/bf16/fp16
     target_ptr,      # (N,) integer class ids, or (N, V) float probabilities if PROB_TARGET
     weight_ptr,      # (V,) class weights, read if HAS_WEIGHT
-    loss_ptr,        # (N,) fp32 out: per-row loss
-    max_ptr,         # (N,) fp32 out: per-row max m of z
-    logd_ptr,        # (N,) fp32 out: per-row log d; lse = m + log d
-    s_ptr,           # (N,) fp32 out: per-row S = sum of the target weights
+    stats_ptr,       # (4, N) fp32 out, rows stride_stats apart: per-row loss, max m of z,
+                     # log d (lse = m + log d) and S = sum of the target weights
     grad_ptr,        # (N, V) logits dtype out, written if FUSE_GRAD (may alias logits)
     grad_scale_ptr,  # () fp32: factor of the fused gradient (1 / denominator for 'mean')
     # strides (in elements)
     stride_x_row, stride_x_col,
     stride_t_row, stride_t_col,
     stride_g_row, stride_g_col,
+    stride_stats,
     # sizes
     V,
     # runtime scalars
@@ -323,10 +323,10 @@ def _cross_entropy_fwd_kernel(
     if HAS_Z_LOSS:
         loss += tl.where(valid, z_loss * lse * lse, 0.0)
     S = tl.where(valid, coef_c + A, 0.0)
-    tl.store(loss_ptr + row, loss)
-    tl.store(max_ptr + row, m)
-    tl.store(logd_ptr + row, logd)
-    tl.store(s_ptr + row, S)
+    tl.store(stats_ptr + row, loss)
+    tl.store(stats_ptr + stride_stats + row, m)
+    tl.store(stats_ptr + 2 * stride_stats + row, logd)
+    tl.store(stats_ptr + 3 * stride_stats + row, S)
 
     if FUSE_GRAD:
         # the same program sweeps the row again at once: its bytes are still in L2
@@ -344,9 +344,8 @@ def _cross_entropy_bwd_kernel(
     logits_ptr,      # (N, V) fp32/bf16/fp16
     target_ptr,      # (N,) integer class ids, or (N, V) float probabilities if PROB_TARGET
     weight_ptr,      # (V,) class weights, read if HAS_WEIGHT
-    max_ptr,         # (N,) fp32: per-row max, from the forward
-    logd_ptr,        # (N,) fp32: per-row log d, from the forward
-    s_ptr,           # (N,) fp32: per-row S, from the forward
+    stats_ptr,       # (4, N) fp32, rows stride_stats apart: the forward's per-row stats
+                     # (loss, max, log d, S; the loss is not read)
     dloss_ptr,       # (N,) upstream gradient per row, or () with stride_dloss = 0
     grad_scale_ptr,  # () fp32: reduction factor (1 / denominator for 'mean', else 1)
     grad_ptr,        # (N, V) logits dtype out (may alias logits)
@@ -354,7 +353,7 @@ def _cross_entropy_bwd_kernel(
     stride_x_row, stride_x_col,
     stride_t_row, stride_t_col,
     stride_g_row, stride_g_col,
-    stride_dloss,
+    stride_dloss, stride_stats,
     # sizes
     V,
     # runtime scalars
@@ -377,9 +376,9 @@ def _cross_entropy_bwd_kernel(
         valid, c, w_c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
                                                ignore_index, label_smoothing, HAS_WEIGHT)
         z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, inv_softcap, HAS_SOFTCAP)
-    m = tl.load(max_ptr + row)
-    logd = tl.load(logd_ptr + row)
-    S = tl.load(s_ptr + row)
+    m = tl.load(stats_ptr + stride_stats + row)
+    logd = tl.load(stats_ptr + 2 * stride_stats + row)
+    S = tl.load(stats_ptr + 3 * stride_stats + row)
     scale = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32) * tl.load(grad_scale_ptr)
     _write_row_grad(x_row_ptr, target_ptr + row * stride_t_row, weight_ptr,
                     grad_ptr + row * stride_g_row,
@@ -422,7 +421,9 @@ def softcap_scalar(softcap):
     1/c, not c: z = x tanh(k x) / (k x) stays exact as c grows (k -> 0 gives z = x), and a
     c beyond fp32's range becomes a tiny k instead of an infinite c.
     """
-    return 0.0 if softcap is None else 1.0 / float(softcap)
+    # a c below 2^-128 would make 1/c overflow fp32 (and a logit of 0 times it NaN): k is
+    # held at fp32's largest value, z = c sign(x) then to within 3e-39 absolute
+    return 0.0 if softcap is None else min(1.0 / float(softcap), _FLT_MAX_PY)
 
 
 def _flags(target, weight, label_smoothing, z_loss, softcap):
@@ -443,7 +444,7 @@ def _target_strides(target):
 
 
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
-                      grad=None, grad_scale=None):
+                      grad=None, grad_scale=None, stats=None):
     """Per-row loss, max, log d and S of 2-D logits; with ``grad``, also the fused gradient.
 
     Preconditions (checked by the host code, not here): logits (N, V) fp32/bf16/fp16 with
@@ -451,40 +452,37 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     probabilities; weight None or (V,) contiguous; all on one device; N >= 1.
     grad: None, or an (N, V) tensor of the logits' dtype (it may be the logits themselves)
     that receives grad_scale * dl/dx; grad_scale: () fp32 tensor on the same device.
+    stats: None, or a (4, N) fp32 tensor with unit column stride to write the stats into.
 
-    Returns four (N,) fp32 tensors: loss, max, log d, S.
+    Returns the (4, N) fp32 stats whose rows are the per-row loss, max, log d and S.
     """
     N, V = logits.shape
-    dev = logits.device
-    loss = torch.empty(N, dtype=torch.float32, device=dev)
-    row_max = torch.empty(N, dtype=torch.float32, device=dev)
-    row_logd = torch.empty(N, dtype=torch.float32, device=dev)
-    row_s = torch.empty(N, dtype=torch.float32, device=dev)
+    if stats is None:  # one allocation for the four per-row outputs
+        stats = torch.empty(4, N, dtype=torch.float32, device=logits.device)
     fuse = grad is not None
     if not fuse:
         grad = logits  # not written: FUSE_GRAD=False
-        grad_scale = row_s
+        grad_scale = stats
     flags = _flags(target, weight, label_smoothing, z_loss, softcap)
     block, num_warps = row_config(V, logits.element_size(), heavy=any(flags.values()))
     stride_t_row, stride_t_col = _target_strides(target)
     _cross_entropy_fwd_kernel[(N,)](
-        logits, target, weight if weight is not None else row_s, loss, row_max, row_logd, row_s,
-        grad, grad_scale,
+        logits, target, weight if weight is not None else stats, stats, grad, grad_scale,
         logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
-        grad.stride(0), grad.stride(1),
+        grad.stride(0), grad.stride(1), stats.stride(0),
         V,
         ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
         FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, **flags,
     )
-    return loss, row_max, row_logd, row_s
+    return stats
 
 
-def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad, *,
+def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
                       ignore_index, label_smoothing, z_loss, softcap):
     """Write grad = dloss * grad_scale * dl/dx from the forward's saved rows.
 
-    Preconditions: as cross_entropy_fwd; row_max, row_logd, row_s the (N,) fp32 tensors it
-    returned; dloss (N,) (one upstream gradient per row) or () (one for all rows);
+    Preconditions: as cross_entropy_fwd; stats the (4, N) fp32 tensor it returned (or a view
+    with unit column stride); dloss (N,) (one upstream gradient per row) or () (one for all rows);
     grad_scale () fp32; grad (N, V) of the logits' dtype (it may be the logits themselves).
     """
     N, V = logits.shape
@@ -493,10 +491,9 @@ def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, g
     stride_t_row, stride_t_col = _target_strides(target)
     stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
     _cross_entropy_bwd_kernel[(N,)](
-        logits, target, weight if weight is not None else row_s, row_max, row_logd, row_s,
-        dloss, grad_scale, grad,
+        logits, target, weight if weight is not None else stats, stats, dloss, grad_scale, grad,
         logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
-        grad.stride(0), grad.stride(1), stride_dloss,
+        grad.stride(0), grad.stride(1), stride_dloss, stats.stride(0),
         V,
         ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
         BLOCK_V=block, num_warps=num_warps, **flags,

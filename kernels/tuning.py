@@ -18,6 +18,8 @@ sweep of bench/ (issue "prove it on the GPU") is where they are to be tuned,
 and only this table changes when they are.
 """
 
+import functools
+
 import triton
 
 # bytes of logits one program holds per chunk
@@ -26,6 +28,7 @@ _CHUNK_BYTES = 16384
 _MIN_BLOCK = 16
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
 def row_config(V: int, element_size: int, heavy: bool = False) -> tuple:
     """(BLOCK_V, num_warps) for a row-wise sweep over V elements of the given size.
 

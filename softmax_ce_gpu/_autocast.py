@@ -11,6 +11,8 @@ The kernels read fp16/bf16 logits as they are and compute in fp32 anyway, so fol
 autocast never copies the logits: only the dtype of what is returned changes.
 """
 
+import contextlib
+
 import torch
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -24,6 +26,8 @@ def enabled(device_type):
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta): never on
+        return False
 
 
 def loss_dtype(x):
@@ -54,4 +58,6 @@ def linear_operands(*tensors):
 def off(device_type):
     """A context in which autocast does not touch the ops inside (the chunked matmuls of
     linear_cross_entropy run in the dtype of their operands, already cast as F.linear's)."""
+    if not enabled(device_type):  # nothing to switch off (and no context to build)
+        return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)

@@ -6,6 +6,7 @@ offending value. Nothing here synchronises with a CUDA device: the class-id
 range check on CUDA is a device-side assert (torch._assert_async).
 """
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ class LossOptions:
 def _number(fn, name, value, *, allow_none=False):
     if value is None and allow_none:
         return None
+    if type(value) is float and -math.inf < value < math.inf:  # the common case, fast
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: argument '{name}' must be a real number, got {value!r}")
     value = float(value)
@@ -78,10 +81,19 @@ def check_bool(fn, name, value):
         raise TypeError(f"{fn}: argument '{name}' must be a bool, got {value!r}")
 
 
-def check_logits(fn, logits, name="input"):
-    """A floating tensor with at least one dimension and a non-empty class dimension."""
+def check_dense(fn, name, t):
+    """A strided (dense) tensor: sparse and other layouts have no strides to read."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{fn}: argument '{name}' must be a dense (strided) tensor, got layout "
+                        f"{t.layout}")
+
+
+def check_logits(fn, logits, name="input", allow_empty=False):
+    """A floating tensor with at least one dimension and a non-empty class dimension
+    (allow_empty: a vocabulary shard may be empty)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, got {type(logits).__name__}")
+    check_dense(fn, name, logits)
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(
             f"{fn}: argument '{name}' must be float16, bfloat16, float32 or float64, "
@@ -89,7 +101,7 @@ def check_logits(fn, logits, name="input"):
     if logits.dim() == 0:
         raise ValueError(f"{fn}: argument '{name}' must have at least 1 dimension, got shape ()")
     V = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
-    if V == 0:
+    if V == 0 and not allow_empty:
         raise ValueError(
             f"{fn}: argument '{name}' has an empty class dimension (shape {tuple(logits.shape)})")
     return V
@@ -102,6 +114,7 @@ def check_target(fn, logits, target, ignore_index):
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: argument 'target' must be a torch.Tensor, got {type(target).__name__}")
+    check_dense(fn, "target", target)
     if target.device != logits.device:
         raise ValueError(
             f"{fn}: argument 'target' is on {target.device} but 'input' is on {logits.device}")
@@ -126,8 +139,14 @@ def check_target(fn, logits, target, ignore_index):
     expected = (logits.shape[0],) + tuple(logits.shape[2:]) if logits.dim() >= 2 else ()
     if tuple(target.shape) != expected:
         raise ValueError(
-            f"{fn}: class-id 'target' must have shape {expected} for logits of shape "
+            f"{fn}: class-id 'target' must have shape {expected} for input of shape "
             f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+    if target.dtype == torch.uint64 and target.device.type == "cpu" and target.numel():
+        huge = target.long() < 0  # 2**63 and above: outside any [0, V), named here by value
+        if bool(huge.any()):
+            V = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
+            raise ValueError(f"{fn}: class id {target[huge].flatten()[0].item()} in 'target' is "
+                             f"outside [0, {V})")
     return False
 
 
@@ -143,6 +162,7 @@ def check_weight(fn, logits, weight, V):
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{fn}: argument 'weight' must be a torch.Tensor or None, "
                         f"got {type(weight).__name__}")
+    check_dense(fn, "weight", weight)
     if weight.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"{fn}: argument 'weight' must be float16, bfloat16, float32 or float64, "
                         f"got dtype {weight.dtype}")
@@ -169,8 +189,22 @@ def _byte_range(t):
     return start, start + (extent + 1) * t.element_size()
 
 
+def _addressable(t):
+    """t without torch.func's wrappers, or None where its memory cannot be inspected (under
+    torch.compile's tracing, fake tensors): the memory checks then do not apply."""
+    if torch.compiler.is_compiling():
+        return None
+    t = _plain(t)
+    if (type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)) or t.is_meta:
+        return None  # (meta tensors have no memory: every address is 0)
+    return t
+
+
 def overlaps(a, b):
     """Whether tensors a and b may share a byte of memory (conservative: spans, not elements)."""
+    a, b = _addressable(a), _addressable(b)
+    if a is None or b is None:
+        return False
     if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     ra, rb = _byte_range(a), _byte_range(b)
@@ -179,6 +213,11 @@ def overlaps(a, b):
 
 def same_memory(a, b):
     """Whether a and b are the same elements in the same layout (e.g. x and x.view_as(x))."""
+    if a is b:
+        return True
+    a, b = _addressable(a), _addressable(b)
+    if a is None or b is None:
+        return False
     return (a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
             and a.stride() == b.stride() and a.dtype == b.dtype)
 
@@ -186,6 +225,9 @@ def same_memory(a, b):
 def _self_overlapping(t):
     """Whether two elements of t may share memory (an expanded tensor, say). False when, with
     the dims of size > 1 sorted by stride, each stride exceeds the span of the smaller ones."""
+    t = _addressable(t)
+    if t is None:
+        return False
     span = 0  # elements covered by the dims seen so far, minus one
     for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
         if stride <= span:
@@ -196,7 +238,8 @@ def _self_overlapping(t):
 
 def check_out(fn, out, logits, others=()):
     """The `out` of a gradient: None, the logits themselves, or a tensor of their shape, dtype
-    and device that overlaps neither them nor the other inputs, nor itself.
+    and device that overlaps neither them nor the other inputs, nor itself. others: (name,
+    tensor or None) pairs of the other inputs.
 
     Returns True when out is the logits (an in-place gradient).
     """
@@ -210,19 +253,35 @@ def check_out(fn, out, logits, others=()):
     if out.shape != logits.shape or out.device != logits.device:
         raise ValueError(f"{fn}: argument 'out' must have shape {tuple(logits.shape)} on "
                          f"{logits.device}, got {tuple(out.shape)} on {out.device}")
+    check_dense(fn, "out", out)
+    if _self_overlapping(out):
+        raise ValueError(f"{fn}: argument 'out' has overlapping elements (strides "
+                         f"{out.stride()}), so a gradient entry would be written twice")
     if same_memory(out, logits):
+        check_inplace(fn, logits, others, "out")
         return True
     if overlaps(out, logits):
         raise ValueError(f"{fn}: argument 'out' overlaps the input without being it (shape "
                          f"{tuple(out.shape)}, strides {out.stride()}); pass the input itself "
                          "for an in-place gradient, or memory of its own")
-    for other in others:
+    for name, other in others:
         if isinstance(other, torch.Tensor) and overlaps(out, other):
-            raise ValueError(f"{fn}: argument 'out' overlaps another argument of the call")
-    if _self_overlapping(out):
-        raise ValueError(f"{fn}: argument 'out' has overlapping elements (strides "
-                         f"{out.stride()}), so a gradient entry would be written twice")
+            raise ValueError(f"{fn}: argument 'out' overlaps argument '{name}', which the "
+                             "kernels read while they write out")
     return False
+
+
+def check_inplace(fn, logits, others, what="inplace_backward"):
+    """Overwriting the logits with their gradient: they must not overlap themselves (an
+    expanded tensor) nor any other argument the kernels read meanwhile (target, weight)."""
+    if _self_overlapping(logits):
+        raise ValueError(f"{fn}: {what} cannot write the gradient into an input whose elements "
+                         f"overlap (strides {logits.stride()}, an expanded tensor); pass a "
+                         "contiguous input or drop inplace_backward")
+    for name, other in others:
+        if isinstance(other, torch.Tensor) and overlaps(logits, other):
+            raise ValueError(f"{fn}: {what} would overwrite memory that argument '{name}' "
+                             "shares with the input while the kernels still read it")
 
 
 def as_class_ids(target, ignore_index):
@@ -235,7 +294,10 @@ def as_class_ids(target, ignore_index):
         return target
     if target.dtype == torch.int32 and -(1 << 31) <= ignore_index < (1 << 31):
         return target
-    return target.long()
+    ids = target.long()
+    if target.dtype == torch.uint64:  # ids of 2**63 and above would wrap to negative values
+        ids = torch.where(ids < 0, _INT64[1], ids)  # (one of which may equal ignore_index)
+    return ids
 
 
 def _plain(t):
@@ -270,6 +332,22 @@ def check_class_range(fn, target, V, ignore_index):
             f"and is not ignore_index={ignore_index}")
 
 
+@functools.lru_cache(maxsize=256)
+def class_range_message(fn, V, ignore_index):
+    """The device-side assert's message (cached: it is passed on every CUDA call)."""
+    return (f"{fn}: a class id in 'target' is outside [0, {V}) and is not "
+            f"ignore_index={ignore_index}")
+
+
+def raise_class_range(fn, target, V, ignore_index):
+    """The ValueError for class ids out of range, naming the first one (CPU, host values)."""
+    target = _plain(target).reshape(-1)
+    bad = ((target < 0) | (target >= V)) & (target != ignore_index)
+    first = int(target[bad][0]) if bool(bad.any()) else None
+    raise ValueError(f"{fn}: class id {first} in 'target' is outside [0, {V}) and is not "
+                     f"ignore_index={ignore_index}")
+
+
 def check_cross_entropy(fn, logits, target, weight, ignore_index, reduction, label_smoothing,
                         z_loss, softcap):
     """All checks of a cross-entropy call.
@@ -286,6 +364,6 @@ def check_cross_entropy(fn, logits, target, weight, ignore_index, reduction, lab
             raise ValueError(f"{fn}: the gradient with respect to probability 'target' is not "
                              "supported; pass target.detach()")
     else:
+        # the range of the ids is checked by the reduction's launch (_ops.loss_scale)
         target = as_class_ids(target, opts.ignore_index)
-        check_class_range(fn, target, V, opts.ignore_index)
     return opts, V, prob, target, weight

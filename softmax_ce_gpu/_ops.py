@@ -10,60 +10,91 @@ of loss.py, which torch.compile traces through; each op picks its backend
 
 Naming: `op` returns new tensors; `op_out` writes into `out`; `op_inplace`
 overwrites the logits with their gradient.
+
+The host code calls them through call(op, ...): in plain eager mode (no tracing, no
+torch.func transform, no dispatch mode; see _dispatch.eager) that runs the op's
+implementation directly, which is what the custom op would run too, without its
+dispatch cost.
 """
 
+import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import _checks, _dispatch
 from ._backend import backend_for
 from ._reduction import acc_dtype
 
 _NS = "softmax_ce_gpu"
+_EAGER = {}  # custom op -> (its implementation, positions of the arguments it mutates)
+
+
+def _custom_op(name, impl, mutates_args):
+    """Register impl as the custom op softmax_ce_gpu::name; call() may run impl directly."""
+    op = torch.library.custom_op(f"{_NS}::{name}", impl, mutates_args=mutates_args)
+    params = list(inspect.signature(impl).parameters)
+    _EAGER[op] = (impl, tuple(params.index(a) for a in mutates_args))
+    return op
+
+
+def call(op, *args):
+    """op(*args), or in plain eager mode its implementation directly (see _dispatch): the
+    custom op's dispatch costs tens of microseconds of host time per call. A mutation the
+    op declares bumps the version counter, as the op would."""
+    if not _dispatch.eager(args[0]):
+        return op(*args)
+    impl, mutated = _EAGER[op]
+    out = impl(*args)
+    for i in mutated:
+        torch.autograd.graph.increment_version(args[i])
+    return out
 
 
 def _stats_like(logits):
-    return tuple(logits.new_empty(logits.shape[0], dtype=acc_dtype(logits)) for _ in range(4))
+    return logits.new_empty(4, logits.shape[0], dtype=acc_dtype(logits))
 
 
 def _fwd(logits, target, weight, grad, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
     if logits.shape[0] == 0:
         return _stats_like(logits)
     backend = backend_for("cross_entropy", logits)
-    return tuple(backend.cross_entropy_fwd(
+    return backend.cross_entropy_fwd(
         logits, target, weight, grad=grad, grad_scale=grad_scale, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap))
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
-@torch.library.custom_op(f"{_NS}::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_scale: Tensor,
-                      ignore_index: int, label_smoothing: float, z_loss: float,
-                      softcap: Optional[float], with_grad: bool
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, max, log d, S) per row, and the fused gradient times grad_scale (or an empty tensor)."""
+def _cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_scale: Tensor,
+                       ignore_index: int, label_smoothing: float, z_loss: float,
+                       softcap: Optional[float], with_grad: bool) -> tuple[Tensor, Tensor]:
+    """(stats, grad): stats (4, N) per row (loss, max, log d, S), and the fused gradient times
+    grad_scale (or an empty tensor)."""
     grad = torch.empty(logits.shape if with_grad else (0,), dtype=logits.dtype,
                        device=logits.device)
     stats = _fwd(logits, target, weight, grad if with_grad else None, grad_scale, ignore_index,
                  label_smoothing, z_loss, softcap)
-    return (*stats, grad)
+    return stats, grad
+
+
+cross_entropy_fwd = _custom_op("cross_entropy_fwd", _cross_entropy_fwd, ())
 
 
 @cross_entropy_fwd.register_fake
 def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
       with_grad):
-    grad = logits.new_empty(logits.shape if with_grad else (0,))
-    return (*_stats_like(logits), grad)
+    return _stats_like(logits), logits.new_empty(logits.shape if with_grad else (0,))
 
 
-@torch.library.custom_op(f"{_NS}::cross_entropy_fwd_out", mutates_args=("out",))
-def cross_entropy_fwd_out(logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                          grad_scale: Tensor, ignore_index: int, label_smoothing: float,
-                          z_loss: float, softcap: Optional[float], out: Tensor
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, max, log d, S) per row; the gradient times grad_scale goes into `out` (not the logits)."""
+def _cross_entropy_fwd_out(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                           grad_scale: Tensor, ignore_index: int, label_smoothing: float,
+                           z_loss: float, softcap: Optional[float], out: Tensor) -> Tensor:
+    """(4, N) stats per row; the gradient times grad_scale goes into `out` (not the logits)."""
     return _fwd(logits, target, weight, out, grad_scale, ignore_index, label_smoothing, z_loss,
                 softcap)
+
+
+cross_entropy_fwd_out = _custom_op("cross_entropy_fwd_out", _cross_entropy_fwd_out, ("out",))
 
 
 @cross_entropy_fwd_out.register_fake
@@ -71,14 +102,16 @@ def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
     return _stats_like(logits)
 
 
-@torch.library.custom_op(f"{_NS}::cross_entropy_fwd_inplace", mutates_args=("logits",))
-def cross_entropy_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                              grad_scale: Tensor, ignore_index: int, label_smoothing: float,
-                              z_loss: float, softcap: Optional[float]
-                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, max, log d, S) per row; the logits are overwritten by their gradient times grad_scale."""
+def _cross_entropy_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                               grad_scale: Tensor, ignore_index: int, label_smoothing: float,
+                               z_loss: float, softcap: Optional[float]) -> Tensor:
+    """(4, N) stats per row; the logits are overwritten by their gradient times grad_scale."""
     return _fwd(logits, target, weight, logits, grad_scale, ignore_index, label_smoothing, z_loss,
                 softcap)
+
+
+cross_entropy_fwd_inplace = _custom_op("cross_entropy_fwd_inplace", _cross_entropy_fwd_inplace,
+                                       ("logits",))
 
 
 @cross_entropy_fwd_inplace.register_fake
@@ -86,54 +119,60 @@ def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
     return _stats_like(logits)
 
 
-def _bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad,
-         ignore_index, label_smoothing, z_loss, softcap):
+def _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, label_smoothing,
+         z_loss, softcap):
     if logits.shape[0]:
         backend_for("cross_entropy", logits).cross_entropy_bwd(
-            logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad,
+            logits, target, weight, stats, dloss, grad_scale, grad,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap)
 
 
-@torch.library.custom_op(f"{_NS}::cross_entropy_bwd", mutates_args=())
-def cross_entropy_bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], row_max: Tensor,
-                      row_logd: Tensor, row_s: Tensor, dloss: Tensor, grad_scale: Tensor,
-                      ignore_index: int, label_smoothing: float, z_loss: float,
-                      softcap: Optional[float]) -> Tensor:
-    """The gradient dloss * grad_scale * dl/dx from the forward's per-row statistics."""
+def _cross_entropy_bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                       dloss: Tensor, grad_scale: Tensor, ignore_index: int,
+                       label_smoothing: float, z_loss: float, softcap: Optional[float]) -> Tensor:
+    """The gradient dloss * grad_scale * dl/dx from the forward's (4, N) per-row stats."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad, ignore_index,
-         label_smoothing, z_loss, softcap)
+    _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, label_smoothing,
+         z_loss, softcap)
     return grad
 
 
+cross_entropy_bwd = _custom_op("cross_entropy_bwd", _cross_entropy_bwd, ())
+
+
 @cross_entropy_bwd.register_fake
-def _(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, ignore_index,
-      label_smoothing, z_loss, softcap):
+def _(logits, target, weight, stats, dloss, grad_scale, ignore_index, label_smoothing, z_loss,
+      softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op(f"{_NS}::cross_entropy_bwd_inplace", mutates_args=("logits",))
-def cross_entropy_bwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                              row_max: Tensor, row_logd: Tensor, row_s: Tensor, dloss: Tensor,
-                              grad_scale: Tensor, ignore_index: int, label_smoothing: float,
-                              z_loss: float, softcap: Optional[float]) -> None:
+def _cross_entropy_bwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                               stats: Tensor, dloss: Tensor, grad_scale: Tensor,
+                               ignore_index: int, label_smoothing: float, z_loss: float,
+                               softcap: Optional[float]) -> None:
     """As cross_entropy_bwd, overwriting the logits with the gradient."""
-    _bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, logits,
-         ignore_index, label_smoothing, z_loss, softcap)
+    _bwd(logits, target, weight, stats, dloss, grad_scale, logits, ignore_index, label_smoothing,
+         z_loss, softcap)
+
+
+cross_entropy_bwd_inplace = _custom_op("cross_entropy_bwd_inplace", _cross_entropy_bwd_inplace,
+                                       ("logits",))
 
 
 @cross_entropy_bwd_inplace.register_fake
-def _(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, ignore_index,
-      label_smoothing, z_loss, softcap):
+def _(logits, target, weight, stats, dloss, grad_scale, ignore_index, label_smoothing, z_loss,
+      softcap):
     return None
 
 
-@torch.library.custom_op(f"{_NS}::scale_grad_", mutates_args=("grad",))
-def scale_grad_(grad: Tensor, dloss: Tensor) -> None:
+def _scale_grad_(grad: Tensor, dloss: Tensor) -> None:
     """grad *= dloss (a 0-d tensor), in place; touches no memory when dloss is 1 (on the device)."""
     if grad.numel():
         backend_for("cross_entropy", grad).scale_grad(grad, dloss)
+
+
+scale_grad_ = _custom_op("scale_grad_", _scale_grad_, ("grad",))
 
 
 @scale_grad_.register_fake
@@ -141,8 +180,7 @@ def _(grad, dloss):
     return None
 
 
-@torch.library.custom_op(f"{_NS}::softmax_fwd", mutates_args=())
-def softmax_fwd(x: Tensor, log: bool, dtype: torch.dtype) -> Tensor:
+def _softmax_fwd(x: Tensor, log: bool, dtype: torch.dtype) -> Tensor:
     """softmax (log_softmax if log) along dim 1 of an (outer, V, inner) tensor, as a new
     tensor of ``dtype`` (x's or a wider one)."""
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -151,13 +189,15 @@ def softmax_fwd(x: Tensor, log: bool, dtype: torch.dtype) -> Tensor:
     return y
 
 
+softmax_fwd = _custom_op("softmax_fwd", _softmax_fwd, ())
+
+
 @softmax_fwd.register_fake
 def _(x, log, dtype):
     return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
-@torch.library.custom_op(f"{_NS}::softmax_bwd", mutates_args=())
-def softmax_bwd(y: Tensor, dy: Tensor, log: bool, dtype: torch.dtype) -> Tensor:
+def _softmax_bwd(y: Tensor, dy: Tensor, log: bool, dtype: torch.dtype) -> Tensor:
     """dx = J^T dy for the forward output y, (outer, V, inner), as a new tensor of ``dtype``
     (the forward input's)."""
     dx = torch.empty(y.shape, dtype=dtype, device=y.device)
@@ -166,9 +206,52 @@ def softmax_bwd(y: Tensor, dy: Tensor, log: bool, dtype: torch.dtype) -> Tensor:
     return dx
 
 
+softmax_bwd = _custom_op("softmax_bwd", _softmax_bwd, ())
+
+
 @softmax_bwd.register_fake
 def _(y, dy, log, dtype):
     return torch.empty(y.shape, dtype=dtype, device=y.device)
+
+
+def _loss_scale(like: Tensor, target: Tensor, weight: Optional[Tensor], V: int,
+                ignore_index: int, mean: bool, prob: bool, fn: str) -> Tensor:
+    """(3,) [denominator, grad_scale, ok] of the reduction (accumulation dtype), after
+    checking the class ids: a ValueError on CPU, a device-side assert on CUDA (no host sync).
+
+    like: a tensor of the logits' dtype and device (it picks the backend); target: (N,)
+    class ids, or with prob anything whose first dimension is the number of rows."""
+    scale = backend_for(fn, like).loss_scale(target, weight, ignore_index=ignore_index,
+                                            mean=mean, prob=prob, V=V, acc=acc_dtype(like))
+    if not prob:
+        if scale.device.type == "cpu":
+            if not scale[2]:  # free on CPU: the value is already on the host
+                _checks.raise_class_range(fn, target, V, ignore_index)
+        else:
+            torch._assert_async(scale[2], _checks.class_range_message(fn, V, ignore_index))
+    return scale
+
+
+loss_scale = _custom_op("loss_scale", _loss_scale, ())
+
+
+@loss_scale.register_fake
+def _(like, target, weight, V, ignore_index, mean, prob, fn):
+    return like.new_empty(3, dtype=acc_dtype(like))
+
+
+def _loss_reduce(loss_rows: Tensor, scale: Tensor, mean: bool, dtype: torch.dtype) -> Tensor:
+    """() of dtype: the sum of the per-row losses, divided by scale[0] for 'mean'."""
+    return backend_for("cross_entropy", loss_rows).loss_reduce(loss_rows, scale, mean=mean,
+                                                               dtype=dtype)
+
+
+loss_reduce = _custom_op("loss_reduce", _loss_reduce, ())
+
+
+@loss_reduce.register_fake
+def _(loss_rows, scale, mean, dtype):
+    return loss_rows.new_empty((), dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- vmap rules
@@ -182,13 +265,11 @@ def _select(args, in_dims, b):
     return [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
 
 
-def _loop_rule(op, mutating):
+def _loop_rule(op):
     def rule(info, in_dims, *args):
         outs = [op(*_select(args, in_dims, b)) for b in range(info.batch_size)]
-        if mutating and outs[0] is None:
+        if outs[0] is None:  # an in-place op: the slices were written
             return None, None
-        if mutating:  # returns per-row stats besides its write
-            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
         return torch.stack(outs), 0
@@ -216,9 +297,9 @@ def _softmax_bwd_vmap(info, in_dims, y, dy, log, dtype):
 
 
 if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; older torch: no vmap support
-    for _op, _mut in ((cross_entropy_fwd, False), (cross_entropy_bwd, False),
-                      (cross_entropy_fwd_out, True), (cross_entropy_fwd_inplace, True),
-                      (cross_entropy_bwd_inplace, True), (scale_grad_, True)):
-        torch.library.register_vmap(_op, _loop_rule(_op, _mut))
+    for _op in (cross_entropy_fwd, cross_entropy_bwd, cross_entropy_fwd_out,
+                cross_entropy_fwd_inplace, cross_entropy_bwd_inplace, scale_grad_, loss_scale,
+                loss_reduce):
+        torch.library.register_vmap(_op, _loop_rule(_op))
     torch.library.register_vmap(softmax_fwd, _softmax_fwd_vmap)
     torch.library.register_vmap(softmax_bwd, _softmax_bwd_vmap)

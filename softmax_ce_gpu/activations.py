@@ -24,7 +24,7 @@ Both are J^T g with J = diag(p) - p p^T (see kernels/softmax.py), never built.
 import numbers
 
 import torch
-from . import _autocast, _ops
+from . import _autocast, _checks, _dispatch, _ops
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -36,6 +36,7 @@ def check_softmax_args(fn, x, dim):
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: argument 'input' must be a torch.Tensor, got {type(x).__name__}")
+    _checks.check_dense(fn, "input", x)
     if x.dtype not in _DTYPES:
         raise TypeError(f"{fn}: argument 'input' must be float16, bfloat16, float32 or float64, "
                         f"got dtype {x.dtype}")
@@ -85,7 +86,7 @@ class _SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, log, dtype):
-        return _ops.softmax_fwd(x, log, dtype)
+        return _ops.call(_ops.softmax_fwd, x, log, dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -99,7 +100,7 @@ class _SoftmaxFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: the same J^T dy from torch operations, differentiable again
             return _differentiable_bwd(y, dy, ctx.log).to(ctx.in_dtype), None, None
-        return _ops.softmax_bwd(y, dy.to(y.dtype), ctx.log, ctx.in_dtype), None, None
+        return _ops.call(_ops.softmax_bwd, y, dy.to(y.dtype), ctx.log, ctx.in_dtype), None, None
 
 
 def _differentiable_bwd(y, dy, log):
@@ -115,7 +116,7 @@ def _differentiable_bwd(y, dy, log):
 def _apply(fn, x, dim, log, dtype):
     dim = check_softmax_args(fn, x, dim)
     x, out_dtype = check_dtype(fn, x, dtype)
-    y = _SoftmaxFunction.apply(_as_rows(x, dim), log, out_dtype)
+    y = _dispatch.apply(_SoftmaxFunction, _as_rows(x, dim), log, out_dtype)
     return y.view(x.shape)
 
 

@@ -69,6 +69,9 @@ def _torch_fwd(logits, target, shard, *, ignore_index, label_smoothing, softcap)
     (float64 for float64 logits)."""
     acc = acc_dtype(logits)
     W = logits.shape[1]
+    if W == 0:  # an empty shard: max -inf, d = 0 (s = -1), no target logit, B = 0
+        m = torch.full((logits.shape[0],), float("-inf"), dtype=acc, device=logits.device)
+        return torch.stack([m, m, torch.full_like(m, -1.0), torch.zeros_like(m)])
     z, _ = reference._capped(logits, softcap, acc)
     valid, in_shard, c_loc = _shard_target(target, shard, W, ignore_index)
     inf = torch.tensor(float("inf"), dtype=acc, device=logits.device)
@@ -161,7 +164,8 @@ def _combine(part, W, shard, valid, opts, group):
     sums[1] = top.to(part.dtype)
     if smoothing:
         # sum over the shard of (M - z_j) = B_r + W (M - m_r), all terms >= 0
-        shift = torch.where(m_r < M, W * (M - m_r), torch.zeros_like(M))
+        # (an empty shard adds nothing: its m_r = -inf must not make 0 * inf)
+        shift = torch.where((m_r < M) & (W > 0), W * (M - m_r), torch.zeros_like(M))
         sums[2] = B_r + shift
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     s = sums[0] + (sums[1] - 1.0)
@@ -204,7 +208,7 @@ class _VocabParallelFunction(torch.autograd.Function):
                                            label_smoothing=opts.label_smoothing,
                                            softcap=opts.softcap)
             row_max, row_logd, loss_rows = _combine(part, W, shard, valid, opts, group)
-            if fuse:
+            if fuse and W:
                 impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, one, grad_scale, grad,
                                         **launch_options(opts))
         loss = reduce(loss_rows, denom, opts.reduction).to(x.dtype)
@@ -242,7 +246,7 @@ class _VocabParallelFunction(torch.autograd.Function):
         x, t, shard, row_max, row_logd, grad_scale, loss = ctx.saved_tensors
         with torch.no_grad():
             grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            if x.shape[0]:
+            if x.shape[0] and x.shape[1]:
                 ctx.impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, dloss, grad_scale,
                                             grad, **launch_options(ctx.opts))
         if second_order:
@@ -292,7 +296,9 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{fn}: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first")
-    _checks.check_logits(fn, logits_shard, "logits_shard")
+    # an empty shard (a rank holding no columns) takes part like any other: refusing it on
+    # that rank alone would leave the others waiting in the first collective
+    _checks.check_logits(fn, logits_shard, "logits_shard", allow_empty=True)
     if logits_shard.dim() > 2:
         raise ValueError(
             f"{fn}: argument 'logits_shard' must be (N, W) or (W,), got shape "

@@ -70,10 +70,9 @@ from typing import Tuple
 
 import torch
 
-from . import _autocast, _checks
+from . import _autocast, _checks, _dispatch, _ops
 from ._backend import backend_for
-from ._reduction import (acc_dtype, launch_options, no_second_order, reduce, reduction_scale,
-                         take_fused_grad)
+from ._reduction import acc_dtype, launch_options, no_second_order, take_fused_grad
 
 _FN = "linear_cross_entropy"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -213,28 +212,30 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         N, V, D = x.shape[0], lw.shape[0], spec.heads
         heads = _heads(x, lw, lb, t, spec)
         acc = acc_dtype(x)
-        # device-side denominator over all N * D rows, before any chunk runs
-        denom, grad_scale = reduction_scale(t.reshape(-1), weight, opts, spec.prob, N * D, acc,
-                                            x.device)
+        # device-side denominator over all N * D rows, before any chunk runs (for
+        # probabilities only the row count N * D matters); it also checks the class ids
+        mean = opts.reduction == "mean"
+        ids = t.new_empty(N * D, 0) if spec.prob else t.reshape(-1)
+        scale = _ops.call(_ops.loss_scale, x, ids, weight, V, opts.ignore_index, mean, spec.prob,
+                          _FN)
+        grad_scale = scale[1]
         fuse, keep_stats = _fused(spec, x), any(spec.need) and not _fused(spec, x)
-        loss_rows = torch.empty(D, N, dtype=acc, device=x.device)
-        stats = torch.empty(3, D, N, dtype=acc, device=x.device) if keep_stats else None
+        # per row and head: loss, max, log d, S (the kernel writes each chunk's in place)
+        stats = torch.empty(4, D, N, dtype=acc, device=x.device)
+        loss_rows = stats[0]
 
         def ce_step(k, r0, r1, logits):
-            out = backend.cross_entropy_fwd(logits, heads[k][2][r0:r1], weight,
-                                            grad=logits if fuse else None,
-                                            grad_scale=grad_scale, **launch)
-            loss_rows[k, r0:r1].copy_(out[0])
-            if keep_stats:
-                for j in range(3):
-                    stats[j, k, r0:r1].copy_(out[j + 1])
+            backend.cross_entropy_fwd(logits, heads[k][2][r0:r1], weight,
+                                      grad=logits if fuse else None, grad_scale=grad_scale,
+                                      stats=stats[:, k, r0:r1], **launch)
 
         gi, gw, gb = _sweep(x, heads, V, spec.chunk, spec.need if fuse else (False,) * 3, ce_step)
 
         if opts.reduction == "none":
-            loss = loss_rows.t().to(spec.loss_dtype)  # (N, D): row n, head k
+            # (N, D): row n, head k; a copy, never a view of the stats saved for backward
+            loss = loss_rows.t().to(spec.loss_dtype, copy=True)
         else:
-            loss = reduce(loss_rows, denom, opts.reduction).to(spec.loss_dtype)
+            loss = _ops.call(_ops.loss_reduce, loss_rows.reshape(-1), scale, mean, spec.loss_dtype)
         if fuse:
             return (loss, *_finish(gi, gw, gb, x, lw, lb))
         if keep_stats:
@@ -286,8 +287,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
             def ce_step(k, r0, r1, logits):
                 ctx.backend.cross_entropy_bwd(logits, heads[k][2][r0:r1], weight,
-                                              stats[0, k, r0:r1], stats[1, k, r0:r1],
-                                              stats[2, k, r0:r1], dl[r0:r1, k], grad_scale,
+                                              stats[:, k, r0:r1], dl[r0:r1, k], grad_scale,
                                               logits, **launch)
 
             grads = _finish(*_sweep(x, heads, V, spec.chunk, spec.need, ce_step), x, lw, lb)
@@ -336,6 +336,7 @@ def _check_tensor(name, value, like=None):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{_FN}: argument '{name}' must be a torch.Tensor, "
                         f"got {type(value).__name__}")
+    _checks.check_dense(_FN, name, value)
     if like is None:
         return
     if value.dtype != like.dtype:
@@ -461,9 +462,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                  label_smoothing, z_loss, softcap)
     weight = _checks.check_weight(_FN, input, weight, V)
     chunk_size = _check_chunk(chunk_size, options)
-    if not prob:
+    if not prob:  # their range is checked by the reduction's launch (_ops.loss_scale)
         target = _checks.as_class_ids(target, opts.ignore_index)
-        _checks.check_class_range(_FN, target, V, opts.ignore_index)
 
     x = input.reshape(-1, H)
     N, D = x.shape[0], math.prod(out_features)
@@ -476,7 +476,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         chunk_size = _default_chunk_size(N, V, H, D, input.element_size(), input.device)
     spec = _Spec(opts, prob, D, chunk_size, need,
                  bool(getattr(options, "allow_retain_graph", False)), _autocast.loss_dtype(input))
-    loss = _LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, t, weight, spec)[0]
+    loss = _dispatch.apply(_LinearCrossEntropyFunction, x, linear_weight, linear_bias, t, weight,
+                           spec)[0]
     if opts.reduction == "none":
         loss = loss.reshape(batch + out_features)
     return loss

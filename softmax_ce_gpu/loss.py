@@ -24,8 +24,8 @@ torch.func.grad still work).
 
 import torch
 
-from . import _autocast, _checks, _ops, reference
-from ._reduction import acc_dtype, no_second_order, reduce, reduction_scale, take_fused_grad
+from . import _autocast, _checks, _dispatch, _ops, reference
+from ._reduction import acc_dtype, no_second_order, take_fused_grad
 
 _SECOND_ORDER_HINT = (
     "the gradient of reduction 'mean' or 'sum' is made in forward, from logits that are gone; "
@@ -64,26 +64,33 @@ def _batch_shape(logits):
     return (logits.shape[0],) + tuple(logits.shape[2:])
 
 
-def _forward(x, t, weight, opts, prob, grad_into, loss_dtype):
-    """Reduced loss (of loss_dtype), per-row stats, grad_scale and the fused gradient of 2-D
-    inputs.
+def _forward(x, t, weight, opts, prob, grad_into, loss_dtype, fn):
+    """Reduced loss (of loss_dtype), the (4, N) per-row stats (loss, max, log d, S),
+    grad_scale and the fused gradient of 2-D inputs.
 
     grad_into: None (no gradient), "new" (a new tensor), "logits" (overwrite x), or a
-    tensor to write the gradient into. N = 0 launches nothing.
+    tensor to write the gradient into. Launches: the reduction's scale (which also checks
+    the class ids), the loss kernel, and the reduced loss's sum (not for 'none').
     """
-    denom, grad_scale = reduction_scale(t, weight, opts, prob, x.shape[0], acc_dtype(x), x.device)
+    mean = opts.reduction == "mean"
+    scale = _ops.call(_ops.loss_scale, x, t, weight, x.shape[1], opts.ignore_index, mean, prob,
+                      fn)
+    grad_scale = scale[1]
     args = (weight, grad_scale, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap)
     grad = None
     if grad_into is None or grad_into == "new":
-        *stats, grad = _ops.cross_entropy_fwd(x, t, *args, grad_into == "new")
+        stats, grad = _ops.call(_ops.cross_entropy_fwd, x, t, *args, grad_into == "new")
         grad = grad if grad_into == "new" else None
     elif isinstance(grad_into, str):
-        stats = _ops.cross_entropy_fwd_inplace(x, t, *args)
+        stats = _ops.call(_ops.cross_entropy_fwd_inplace, x, t, *args)
         grad = x
     else:
-        stats = _ops.cross_entropy_fwd_out(x, t, *args, grad_into)
+        stats = _ops.call(_ops.cross_entropy_fwd_out, x, t, *args, grad_into)
         grad = grad_into
-    loss = reduce(stats[0], denom, opts.reduction).to(loss_dtype)
+    if opts.reduction == "none":  # a copy, never a view of the stats saved for backward
+        loss = stats[0].to(loss_dtype, copy=True)
+    else:
+        loss = _ops.call(_ops.loss_reduce, stats[0], scale, mean, loss_dtype)
     return loss, stats, grad_scale, grad
 
 
@@ -142,12 +149,12 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, t, weight, opts, prob, mode, fn, loss_dtype):
         grad_into = {"fused": "new", "fused_inplace": "logits"}.get(mode)
-        loss, (_, row_max, row_logd, row_s), grad_scale, grad = _forward(x, t, weight, opts, prob,
-                                                                         grad_into, loss_dtype)
+        loss, stats, grad_scale, grad = _forward(x, t, weight, opts, prob, grad_into,
+                                                 loss_dtype, fn)
         if mode == "fused":
             return loss, grad
         if mode in ("late", "late_inplace"):
-            return loss, row_max, row_logd, row_s, grad_scale
+            return loss, stats, grad_scale
         return (loss,)
 
     @staticmethod
@@ -174,18 +181,18 @@ class _CrossEntropyFunction(torch.autograd.Function):
             if torch.is_grad_enabled():  # create_graph=True: the logits are gone
                 (grad,) = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, grad)
                 return (grad, *nones)
-            _ops.scale_grad_(grad, dloss)
+            _ops.call(_ops.scale_grad_, grad, dloss)
             return (grad, *nones)
-        x, t, weight, row_max, row_logd, row_s, grad_scale = ctx.saved_tensors
+        x, t, weight, stats, grad_scale = ctx.saved_tensors
         o = ctx.opts
         if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
             return (_differentiable_grad(x, t, weight, o, ctx.prob, dloss, grad_scale), *nones)
-        args = (x, t, weight, row_max, row_logd, row_s, dloss, grad_scale, o.ignore_index,
-                o.label_smoothing, o.z_loss, o.softcap)
+        args = (x, t, weight, stats, dloss, grad_scale, o.ignore_index, o.label_smoothing,
+                o.z_loss, o.softcap)
         if ctx.mode == "late_inplace":
-            _ops.cross_entropy_bwd_inplace(*args)
+            _ops.call(_ops.cross_entropy_bwd_inplace, *args)
             return (x, *nones)
-        return (_ops.cross_entropy_bwd(*args), *nones)
+        return (_ops.call(_ops.cross_entropy_bwd, *args), *nones)
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -229,13 +236,16 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """
     fn = "cross_entropy"
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    given_weight = weight
     opts, _, prob, target, weight = _checks.check_cross_entropy(
         fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     _checks.check_bool(fn, "inplace_backward", inplace_backward)
     x, t = _flatten(input, target, prob)
     mode = _grad_mode(input, opts, inplace_backward)
-    loss = _CrossEntropyFunction.apply(x, t, weight, opts, prob, mode, fn,
-                                       _autocast.loss_dtype(input))[0]
+    if mode is not None and inplace_backward:
+        _checks.check_inplace(fn, x, (("target", t), ("weight", given_weight)))
+    loss = _dispatch.apply(_CrossEntropyFunction, x, t, weight, opts, prob, mode, fn,
+                           _autocast.loss_dtype(input))[0]
     return loss.reshape(_batch_shape(input)) if opts.reduction == "none" else loss
 
 
@@ -253,9 +263,10 @@ def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignor
     """
     fn = "cross_entropy_with_grad"
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    given = (("target", target), ("weight", weight))
     opts, _, prob, target, weight = _checks.check_cross_entropy(
         fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    in_place = _checks.check_out(fn, out, input, (target,))
+    in_place = _checks.check_out(fn, out, input, given)
     with torch.no_grad():
         x, t = _flatten(input, target, prob)
         if out is None or input.dim() > 2:
@@ -265,7 +276,7 @@ def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignor
         else:
             grad_into = out.unsqueeze(0) if input.dim() == 1 else out
         loss, _, _, grad = _forward(x, t, weight, opts, prob, grad_into,
-                                    _autocast.loss_dtype(input))
+                                    _autocast.loss_dtype(input), fn)
         dinput = _unflatten_grad(grad, input)
         if out is not None:
             if input.dim() > 2:  # computed channels-last: copy into the caller's layout

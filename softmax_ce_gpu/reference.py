@@ -90,7 +90,7 @@ def _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, target=None, coef_c=No
 
 
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
-                      grad=None, grad_scale=None):
+                      grad=None, grad_scale=None, stats=None):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_fwd."""
     acc = acc_dtype(logits)
     V = logits.shape[1]
@@ -106,10 +106,11 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     if grad is not None:
         scale = grad_scale.to(acc).expand(logits.shape[0])
         grad.copy_(_row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, _ids(target), coef_c))
-    return loss, m, logd, S  # already in acc: fp32 (fp64 for fp64 logits), like the kernels
+    out = torch.stack([loss, m, logd, S])  # in acc: fp32 (fp64 for fp64 logits), as the kernels
+    return out if stats is None else stats.copy_(out)
 
 
-def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, grad_scale, grad, *,
+def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
                       ignore_index, label_smoothing, z_loss, softcap):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_bwd."""
     acc = acc_dtype(logits)
@@ -117,7 +118,7 @@ def cross_entropy_bwd(logits, target, weight, row_max, row_logd, row_s, dloss, g
     z, dz = _capped(logits, softcap, acc)
     y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
     scale = (dloss.to(acc) * grad_scale.to(acc)).expand(logits.shape[0])
-    grad.copy_(_row_grad(z, dz, y, valid, row_max.to(acc), row_logd.to(acc), row_s.to(acc),
+    grad.copy_(_row_grad(z, dz, y, valid, stats[1].to(acc), stats[2].to(acc), stats[3].to(acc),
                          z_loss, scale, _ids(target), coef_c))
     return grad
 
@@ -128,3 +129,28 @@ def scale_grad(grad, dloss):
     g = grad.to(acc)
     # an exact zero (an ignored row) stays 0 under an inf/NaN dloss, as in the kernel
     return grad.copy_(torch.where(g == 0, g, g * dloss.to(acc)))
+
+
+def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32):
+    """Same contract as softmax_ce_gpu.kernels.reduction.loss_scale, in the dtype acc; no
+    host synchronisation (this path also serves float64 on CUDA)."""
+    N, dev = target.shape[0], target.device
+    if prob:
+        denom = torch.full((), float(N), dtype=acc, device=dev)
+        ok = torch.ones((), dtype=acc, device=dev)
+    else:
+        valid = target != ignore_index
+        bad = valid & ((target < 0) | (target >= V))
+        counted = valid & ~bad
+        c = torch.where(counted, target, torch.zeros_like(target)).long()
+        w = torch.ones(N, dtype=acc, device=dev) if weight is None else weight.to(acc)[c]
+        denom = (w * counted).sum()
+        ok = (~bad.any()).to(acc)
+    grad_scale = 1.0 / denom if mean else torch.ones_like(denom)
+    return torch.stack([denom, grad_scale, ok])
+
+
+def loss_reduce(loss_rows, scale, *, mean, dtype):
+    """Same contract as softmax_ce_gpu.kernels.reduction.loss_reduce."""
+    total = loss_rows.sum()
+    return (total / scale[0] if mean else total).to(dtype)

@@ -149,12 +149,19 @@ def test_opcheck_cross_entropy_ops(case):
         torch.library.opcheck(_ops.cross_entropy_fwd, (x, t, w, scale, *opts, with_grad))
     torch.library.opcheck(_ops.cross_entropy_fwd_out, (x, t, w, scale, *opts, torch.empty_like(x)))
     torch.library.opcheck(_ops.cross_entropy_fwd_inplace, (x.clone(), t, w, scale, *opts))
-    _, row_max, row_logd, row_s, _ = _ops.cross_entropy_fwd(x, t, w, scale, *opts, False)
+    stats, _ = _ops.cross_entropy_fwd(x, t, w, scale, *opts, False)
     dloss = torch.rand(x.shape[0], device=DEVICE, dtype=x.dtype)
-    bwd_args = (t, w, row_max, row_logd, row_s, dloss, scale, *opts)
+    bwd_args = (t, w, stats, dloss, scale, *opts)
     torch.library.opcheck(_ops.cross_entropy_bwd, (x, *bwd_args))
     torch.library.opcheck(_ops.cross_entropy_bwd_inplace, (x.clone(), *bwd_args))
     torch.library.opcheck(_ops.scale_grad_, (x.clone(), torch.tensor(0.5, device=DEVICE)))
+    prob = t.is_floating_point()
+    for mean in (False, True):
+        torch.library.opcheck(_ops.loss_scale, (x, t, w, x.shape[1], -100, mean, prob,
+                                                "cross_entropy"))
+        rows = torch.rand(x.shape[0], device=DEVICE)
+        torch.library.opcheck(_ops.loss_reduce, (rows, torch.tensor([3.0, 1 / 3], device=DEVICE),
+                                                 mean, x.dtype))
 
 
 def test_opcheck_softmax_ops():

@@ -359,6 +359,29 @@ def check_double_backward_raises(rank, widths):
     return msgs
 
 
+def check_empty_shard(rank, widths):
+    """A rank that holds no columns (W = 0) takes part: every rank gets the loss of the full
+    logits and its slice of the gradient (an empty one on the empty rank), and no rank is
+    left waiting in a collective."""
+    msgs = []
+    split = [widths[0] + widths[1], 0] + list(widths[2:])  # rank 1 holds nothing
+    V = sum(split)
+    lo, hi = _slice(split, rank)
+    for dtype in (torch.float32, torch.float64):
+        for reduction in REDUCTIONS:
+            x, t, _ = make_full(31, 3, V, dtype, "plain", True, -100, split)
+            xs = x[:, lo:hi].clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(xs, t, reduction=reduction, label_smoothing=0.1)
+            loss.sum().backward()
+            ref, x64 = reference(x, t, reduction=reduction, label_smoothing=0.1)
+            ref.sum().backward()
+            if rel_err(loss, ref) > TOL[dtype] or xs.grad.shape != (3, hi - lo):
+                msgs.append(f"{dtype} {reduction}: loss differs or gradient shape wrong")
+            elif rel_err(xs.grad, x64.grad[:, lo:hi]) > TOL[dtype]:
+                msgs.append(f"{dtype} {reduction}: gradient differs")
+    return msgs
+
+
 # ----------------------------------------------------------------------------- plans
 # Kernel cases (fp32/bf16 through the interpreter) cost about 0.4 s each on 2 cores;
 # float64 cases (the torch path) a tenth of that. Every option meets every reduction
@@ -404,7 +427,7 @@ def _plan_three():
                     ("confident", "tie", "strided"), w, seed0=5000)
     cases += _cases((torch.float32, torch.float64), ("mean",), PAD_OPTIONS[1:], ("pad",), w,
                     seed0=5500)
-    return cases
+    return cases + [dict(check=check_empty_shard)]
 
 
 PLANS = {"two": _plan_two, "three": _plan_three}

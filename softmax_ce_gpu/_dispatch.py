@@ -1,0 +1,30 @@
+"""Plain eager mode: when the library may skip torch's generic machinery.
+
+torch.compile, torch.export, torch.func transforms and dispatch modes (fake tensors,
+allocation probes) need the custom ops of _ops.py and autograd.Function.apply. A plain
+eager call needs neither: the custom op would run the same implementation after tens of
+microseconds of dispatch, and Function.apply binds its arguments with inspect on every
+call before it reaches the C++ apply. For small shapes that host time is the cost of the
+call (softmax-ce-bench overhead measures it).
+"""
+
+import torch
+
+_functorch = torch._C._functorch
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
+def eager(t):
+    """Whether a call on tensor t is plain eager: no tracing or compiling, no torch.func
+    transform, no dispatch mode, and t a plain tensor (not fake, functional or wrapped)."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and _dispatch_stack_len() == 0 and not _functorch.is_functorch_wrapped_tensor(t))
+
+
+def apply(function, *args):
+    """function.apply(*args), positional arguments only; in plain eager mode through the
+    C++ apply directly (what Function.apply ends in once it has bound the arguments)."""
+    if eager(args[0]):
+        return torch._C._FunctionBase.__dict__["apply"].__get__(None, function)(*args)
+    return function.apply(*args)
