@@ -3,6 +3,7 @@
     softmax-ce-bench [--shapes 8192x128256,...] [--dtypes bf16,...] [--ops cross_entropy]
                      [--modes fwd,fwd+bwd] [--providers softmax_ce_gpu,torch,...] [--out DIR]
     softmax-ce-bench inspect ...        (bench/inspect.py, imported only for this subcommand)
+    softmax-ce-bench hf-memory ...      (bench/hf_memory.py: a transformers model, stock vs patched)
 
 With a CUDA device the defaults are the goal shapes of DESIGN.md section 5 in bf16.
 Without one it runs a CPU mode (small shapes, fp32) that checks every provider that runs
@@ -152,6 +153,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["inspect"]:
         return _run_inspect(argv[1:])
+    if argv[:1] == ["hf-memory"]:
+        from .hf_memory import main as hf_memory_main
+
+        return hf_memory_main(argv[1:])
     parser = _parser()
     try:
         args = parser.parse_args(argv)

@@ -16,6 +16,8 @@ model's by more than the bf16 tolerance.
 """
 
 import copy
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -391,6 +393,19 @@ def test_transformers_imports_from_the_checkout_root():
             "assert kernels.__file__.startswith(%r) and not hasattr(kernels, 'cross_entropy_fwd'); "
             "from softmax_ce_gpu import kernels as k; assert k.cross_entropy_fwd" % str(ROOT))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_hf_memory_command(tmp_path):
+    """The README's memory command at the tiny shape: every record checked and measured."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "hf_memory.json"
+    subprocess.run([sys.executable, "-m", "softmax_ce_gpu.bench.hf_memory", "--shapes", "tiny",
+                    "--json", str(out)], check=True, env=env, cwd=tmp_path)
+    records = json.loads(out.read_text())
+    assert [r["provider"] for r in records] == ["stock", "patched", "patched, kernels"] * 2
+    assert all(r["status"] == "ok" and r["peak_mb"] > 0 for r in records)
+    stock = [r for r in records if r["provider"] == "stock"]
+    assert all(r["peak_mb"] > r["logits_mb"] for r in stock)  # the stock call holds the logits
 
 
 # ----------------------------------------------------------------------------- Trainer
