@@ -82,6 +82,9 @@ class _FromConfig:
     def __repr__(self):
         return "<the model's config>"
 
+    def __reduce__(self):  # one object: copy, deepcopy and pickle give back _FROM_CONFIG itself
+        return "_FROM_CONFIG"
+
 
 _FROM_CONFIG = _FromConfig()
 
