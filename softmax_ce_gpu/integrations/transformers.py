@@ -28,8 +28,8 @@ How a call with labels runs, on the patched instance:
     accumulation), the sum divided by it. The loss is returned in fp32, as the stock loss.
  4. The softcap the stock forward applies to the logits before its loss (Gemma 2 and 3:
     config.final_logit_softcapping, read at each call) is applied by linear_cross_entropy.
- 5. Under torch.autocast the hidden states, lm_head.weight and bias are cast to the
-    autocast dtype first, as autocast casts them for the stock lm_head.
+ 5. Under torch.autocast, linear_cross_entropy casts the hidden states, lm_head.weight and
+    bias to the autocast dtype first, as autocast casts them for the stock lm_head.
 
 A call without labels (generation, evaluation without labels, model.generate) runs the stock
 forward, unchanged. Nothing is patched on the class: two models of one class in one process
@@ -350,17 +350,12 @@ def causal_lm_loss(hidden, lm_weight, labels, lm_bias=None, *, vocab_size=None,
                          f"{tuple(hidden.shape)}) but {t.numel()} shifted labels (shape "
                          f"{tuple(shift_labels.shape)}); with logits_to_keep, pass labels "
                          "for the kept positions only")
-    w, b = lm_weight, lm_bias
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # what autocast does to the stock lm_head's F.linear: its operands in the autocast dtype
-        dtype = torch.get_autocast_dtype(device_type)
-        x, w = x.to(dtype), w.to(dtype)
-        b = None if b is None else b.to(dtype)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    with torch.autocast(device_type, enabled=False):
-        loss = _linear_cross_entropy(x, w, t, b, None, reduction, ignore_index, label_smoothing,
-                                     None, z_loss, softcap, chunk_size, loss_dtype=torch.float32)
+    # under torch.autocast, linear_cross_entropy casts its operands as autocast casts the stock
+    # lm_head's F.linear; the loss is fp32 either way, as the stock loss
+    loss = _linear_cross_entropy(x, lm_weight, t, lm_bias, None, reduction, ignore_index,
+                                 label_smoothing, None, z_loss, softcap, chunk_size,
+                                 loss_dtype=torch.float32)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
