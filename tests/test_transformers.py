@@ -5,14 +5,10 @@ Every model is a tiny random-weight model built from a config here (no download)
 unpatched deep copy of the same model, on the same inputs.
 
 Tolerances (helpers.TOL). fp32: the loss and every parameter's gradient against the stock
-model's, at the fp32 tolerance. bf16: what the patch computes (the loss, the gradient it hands
-the backbone, d loss / d last_hidden_state, and lm_head.weight's gradient) against the stock
-model's at the bf16 tolerance; the backbone's parameters then get their gradients from the
-backbone's own bf16 backward, which turns a difference of one rounding in its input into
-differences of up to 3e-2 in small, cancelling gradients (the stock bf16 model itself is that
-far from the exact gradient there). So each parameter's bf16 gradient is compared with the
-exact one (the same model in float64): the patched model's error must not exceed the stock
-model's by more than the bf16 tolerance.
+model's, at the fp32 tolerance. bf16 (test_family_bf16 says why): the loss, and the head's
+two gradients (d loss / d last_hidden_state, d loss / d lm_head.weight) against the stock
+head's at one bf16 rounding; every parameter's gradient against what the stock model's own
+backward makes of those two.
 """
 
 import copy
@@ -121,27 +117,68 @@ def test_family_fp32(family):
     assert_grads_match(patched, stock, torch.float32)
 
 
+def softcap_of(model):
+    """The final-logit softcap the stock forward of this model applies (None: none)."""
+    attr = sc_hf.SUPPORTED[type(model).__name__]
+    return None if attr is None else getattr(model.config, attr)
+
+
+def stock_head_loss(model, hidden, weight, labels):
+    """The stock model's loss from hidden states: its lm_head, its softcap, ForCausalLMLoss."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = torch.nn.functional.linear(hidden, weight)
+    cap = softcap_of(model)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap  # the stock forward's three steps
+    return ForCausalLMLoss(logits, labels, model.config.vocab_size)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_bf16(family):
+    """bf16: the backbone's forward is the stock one bit for bit; the head's two gradients
+    (d loss / d hidden, d loss / d lm_head.weight) are within one bf16 rounding of the stock
+    head's on the same hidden states; every parameter's gradient is what the stock model's own
+    backward makes of those two.
+
+    (Comparing each parameter's gradient with the stock model's directly would measure the
+    stock bf16 backward's conditioning, not this library: a difference of one rounding in a
+    few entries of d loss / d hidden grows to 1e-2 in small, cancelling gradients such as
+    Qwen2's k_proj.bias, where the stock bf16 gradient is itself 1.4e-2 from the float64 one.)
+    """
     stock, patched = stock_and_patched(family, torch.bfloat16)
-    exact = copy.deepcopy(stock).double()  # the exact gradient for these bf16 weights
     ids, labels = make_batch()
-    out, hidden = {}, {}
-    for key, model in (("patched", patched), ("stock", stock), ("exact", exact)):
-        kept, handle = capture_last_hidden(model)
-        out[key] = run(model, ids, labels=labels)
-        handle.remove()
-        hidden[key] = kept["h"]
-    assert out["patched"].logits is None
-    assert out["patched"].loss.dtype == torch.float32  # as the stock loss, which upcasts
-    assert_close(out["patched"].loss, out["stock"].loss, torch.bfloat16)
-    assert_close(hidden["patched"].grad, hidden["stock"].grad, torch.bfloat16)
-    assert_close(patched.lm_head.weight.grad, stock.lm_head.weight.grad, torch.bfloat16)
-    ours, theirs, true = grads(patched), grads(stock), grads(exact)
-    for name, g in true.items():
-        err, stock_err = rel_err(ours[name], g), rel_err(theirs[name], g)
-        assert err <= stock_err + TOL[torch.bfloat16], (
-            f"{name}: {err:.3g} from the exact gradient, the stock model {stock_err:.3g}")
+    kept_p, handle = capture_last_hidden(patched)
+    ours = patched(ids, labels=labels)
+    handle.remove()
+    kept_s, handle = capture_last_hidden(stock)
+    theirs = stock(ids, labels=labels)
+    handle.remove()
+    assert ours.logits is None and ours.loss.dtype == torch.float32  # as the stock loss
+    assert torch.equal(kept_p["h"], kept_s["h"])
+    assert_close(ours.loss, theirs.loss, torch.bfloat16)
+
+    def head_grads(loss_of):
+        h = kept_s["h"].detach().requires_grad_()
+        w = stock.lm_head.weight.detach().clone().requires_grad_()
+        loss_of(h, w).backward()
+        return h.grad, w.grad
+
+    dh, dw = head_grads(lambda h, w: sc_hf.causal_lm_loss(h, w, labels,
+                                                          softcap=softcap_of(stock)))
+    stock_dh, stock_dw = head_grads(lambda h, w: stock_head_loss(stock, h, w, labels))
+    assert_close(dh, stock_dh, torch.bfloat16)
+    assert_close(dw, stock_dw, torch.bfloat16)
+
+    ours.loss.backward()
+    names, params = zip(*stock.named_parameters())
+    backbone = torch.autograd.grad(kept_s["h"], params, grad_outputs=dh, allow_unused=True)
+    for name, p, g, mine in zip(names, params, backbone, grads(patched).values()):
+        expected = torch.zeros_like(p) if g is None else g
+        if p is stock.lm_head.weight:  # the head's own gradient (tied: plus the embedding's)
+            expected = expected + dw
+        err = rel_err(mine, expected)
+        assert err <= TOL[torch.bfloat16], f"{name}: relative error {err:.3g}"
 
 
 # ----------------------------------------------------------------------------- loss keywords
