@@ -35,13 +35,13 @@ A call without labels (generation, evaluation without labels, model.generate) ru
 forward, unchanged. Nothing is patched on the class: two models of one class in one process
 are independent, and a deep copy of a patched model is patched with the same options.
 
-Supported (transformers 5.24): the classes in SUPPORTED, whose forwards all have the
-standard causal-LM layout: backbone -> last_hidden_state -> slice_logits_to_keep ->
-lm_head (an nn.Linear) -> [final-logit softcap] -> ForCausalLMLoss, nothing else done to
-the logits. Anything else is refused with a TypeError naming the class (no silent fallback
-to the stock loss), as is a model whose lm_head has been wrapped or hooked (PEFT on the
-head, accelerate's offloading, FSDP) or whose loss function is not the stock
-ForCausalLMLoss: the loss would differ from what the model would compute.
+Supported (read in transformers 5.24; tested on 5.24 and 5.0): the classes in SUPPORTED,
+whose forwards all have the standard causal-LM layout: backbone -> last_hidden_state ->
+slice_logits_to_keep -> lm_head (an nn.Linear) -> [final-logit softcap] -> ForCausalLMLoss,
+nothing else done to the logits. Anything else is refused with a TypeError naming the
+class (no silent fallback to the stock loss), as is a model whose lm_head has been wrapped
+or hooked (PEFT on the head, accelerate's offloading, FSDP) or whose loss function is not
+the stock ForCausalLMLoss: the loss would differ from what the model would compute.
 """
 
 import functools
