@@ -12,6 +12,7 @@ backward makes of those two.
 """
 
 import copy
+import io
 import json
 import os
 import subprocess
@@ -344,19 +345,24 @@ def test_keep_logits_and_return_dict():
     assert len(as_tuple) == len(stock_tuple) - 1
 
 
-def test_instances_are_independent_and_deepcopy_keeps_the_patch():
+def test_instances_are_independent_and_copies_keep_the_patch():
     a = sc_hf.apply(make_model("llama"), z_loss=1e-2)
     b = sc_hf.apply(copy.deepcopy(a), z_loss=0.0)   # re-applying replaces the options
     c = copy.deepcopy(a)                            # a copy of a patched model is patched
+    buffer = io.BytesIO()
+    torch.save(a, buffer)                           # and so is a pickled one
+    buffer.seek(0)
+    d = torch.load(buffer, weights_only=False)
     stock = copy.deepcopy(a)
     del stock.forward                               # back to the class's forward
     ids, labels = make_batch()
-    la, lb, lc = (m(ids, labels=labels).loss for m in (a, b, c))
+    out = {key: m(ids, labels=labels) for key, m in dict(a=a, b=b, c=c, d=d).items()}
     ref = stock(ids, labels=labels).loss
-    assert_close(lb, ref, torch.float32)
-    assert_close(lc, la, torch.float32)
-    assert la > ref
-    assert c(ids, labels=labels).logits is None
+    assert_close(out["b"].loss, ref, torch.float32)
+    for key in "cd":
+        assert out[key].logits is None
+        assert_close(out[key].loss, out["a"].loss, torch.float32)
+    assert out["a"].loss > ref
 
 
 # ----------------------------------------------------------------------------- refusals

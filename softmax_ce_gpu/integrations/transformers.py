@@ -33,7 +33,8 @@ How a call with labels runs, on the patched instance:
 
 A call without labels (generation, evaluation without labels, model.generate) runs the stock
 forward, unchanged. Nothing is patched on the class: two models of one class in one process
-are independent, and a deep copy of a patched model is patched with the same options.
+are independent, and a copy of a patched model (copy.deepcopy, pickle, torch.save) is
+patched with the same options.
 
 Supported (read in transformers 5.24; tested on 5.24 and 5.0): the classes in SUPPORTED,
 whose forwards all have the standard causal-LM layout: backbone -> last_hidden_state ->
@@ -46,7 +47,6 @@ the stock ForCausalLMLoss: the loss would differ from what the model would compu
 
 import functools
 import inspect
-import types
 from dataclasses import dataclass
 from typing import Optional
 
@@ -219,41 +219,60 @@ def apply(model, **options):
     """
     _check_model(model)
     opts = _check_options(options)
-    stock = type(model).forward
+    _stock_signature(type(model).forward)  # refuses a forward without labels / logits_to_keep
     setattr(model, _OPTIONS_ATTR, opts)
     # an instance attribute shadows the class's forward for this instance only; nn.Module's
-    # __call__ (and so generate, Trainer, DDP) calls it. functools.wraps keeps the stock
-    # signature visible to inspect.signature (Trainer reads it for its loss kwargs and columns).
-    model.forward = types.MethodType(_make_forward(stock), model)
+    # __call__ (and so generate, Trainer, DDP) calls it
+    model.forward = _PatchedForward(model)
     return model
 
 
-def _make_forward(stock):
+@functools.lru_cache(maxsize=None)
+def _stock_signature(stock):
+    """(signature, name of its **kwargs parameter) of a class's forward."""
     signature = inspect.signature(stock)
     var_kw = next((p.name for p in signature.parameters.values()
                    if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     if "labels" not in signature.parameters or "logits_to_keep" not in signature.parameters:
         raise TypeError(f"{_FN}: {stock.__qualname__} takes no 'labels' or 'logits_to_keep' "
                         "argument; this transformers version is not supported")
-
-    @functools.wraps(stock)
-    def forward(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        if bound.arguments.get("labels") is None:
-            return stock(self, *args, **kwargs)
-        return _forward_with_loss(self, stock, bound, var_kw)
-
-    forward.__doc__ = _FORWARD_NOTE + (stock.__doc__ or "")
-    return forward
+    return signature, var_kw
 
 
-_FORWARD_NOTE = """Patched by softmax_ce_gpu.integrations.transformers.apply (this instance only).
+class _PatchedForward:
+    """Patched by softmax_ce_gpu.integrations.transformers.apply (this instance only).
 
     With labels, the loss is computed by softmax_ce_gpu.linear_cross_entropy from the final
     hidden states, equal to the stock loss, and the output's logits is None (unless apply was
     given keep_logits=True). Without labels, this is the stock forward, unchanged.
 
+    An object bound to one model rather than a bound method, so that pickle (torch.save),
+    copy and deepcopy rebuild it around the new model: a bound method pickles as
+    getattr(model, 'forward') and would come back as the stock forward, silently.
     """
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self._model
+        stock = type(model).forward
+        signature, var_kw = _stock_signature(stock)
+        bound = signature.bind(model, *args, **kwargs)
+        if bound.arguments.get("labels") is None:
+            return stock(model, *args, **kwargs)
+        return _forward_with_loss(model, stock, bound, var_kw)
+
+    def __reduce__(self):
+        return _PatchedForward, (self._model,)
+
+    @property
+    def __signature__(self):
+        """The stock forward's (Trainer reads it for its loss keywords and dataset columns)."""
+        return inspect.signature(type(self._model).forward.__get__(self._model))
+
+    def __repr__(self):
+        return f"<forward of {type(self._model).__name__} patched by {_FN}>"
 
 
 def _forward_with_loss(model, stock, bound, var_kw):
