@@ -14,6 +14,9 @@ Installed as ``softmax_ce_gpu.bench``; the console script ``softmax-ce-bench`` r
     plot.py             GB/s against V from the JSON alone
     compiled.py         torch.compile per case, time-boxed on CPU
 
+The ``hf-memory`` subcommand (hf_memory.py) measures the peak memory of a Hugging Face
+causal LM's forward+backward, stock vs patched by softmax_ce_gpu.integrations.transformers.
+
 The ``inspect`` subcommand (inspect.py, with aot.py and byte_count.py) gathers the
 evidence that needs no GPU; cli.py imports it only when that subcommand is used.
 """

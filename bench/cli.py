@@ -4,6 +4,7 @@
                      [--modes fwd,fwd+bwd] [--providers softmax_ce_gpu,torch,...] [--out DIR]
     softmax-ce-bench inspect ...        (bench/inspect.py, imported only for this subcommand)
     softmax-ce-bench overhead ...       (bench/overhead.py: host time per call, launches stubbed)
+    softmax-ce-bench hf-memory ...      (bench/hf_memory.py: a transformers model, stock vs patched)
 
 With a CUDA device the defaults are the goal shapes of DESIGN.md section 5 in bf16.
 Without one it runs a CPU mode (small shapes, fp32) that checks every provider that runs
@@ -155,7 +156,12 @@ def main(argv=None):
         return _run_inspect(argv[1:])
     if argv[:1] == ["overhead"]:
         from .overhead import main as overhead_main
+
         return overhead_main(argv[1:])
+    if argv[:1] == ["hf-memory"]:
+        from .hf_memory import main as hf_memory_main
+
+        return hf_memory_main(argv[1:])
     parser = _parser()
     try:
         args = parser.parse_args(argv)

@@ -133,7 +133,7 @@ class _Spec:
     chunk: int                    # rows per chunk
     need: Tuple[bool, bool, bool]  # gradients of input, linear_weight, linear_bias
     retain: bool                  # allow a second backward through the fused path
-    loss_dtype: torch.dtype       # the input's, or fp32 for fp16/bf16 under autocast
+    loss_dtype: torch.dtype       # the input's, fp32 for fp16/bf16 under autocast, or as asked
 
 
 def _heads(x, lw, lb, t, spec):
@@ -406,6 +406,21 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     options.allow_retain_graph is True. Ignored rows still cost their matmul work (skipping
     them would need a host sync).
     """
+    return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                 ignore_index, label_smoothing, options, z_loss, softcap,
+                                 chunk_size, loss_dtype=None)
+
+
+def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                          ignore_index, label_smoothing, options, z_loss, softcap, chunk_size, *,
+                          loss_dtype):
+    """linear_cross_entropy, with the loss returned in loss_dtype (None: torch's rule, the
+    input's dtype, fp32 for fp16/bf16 under autocast).
+
+    The reduction is computed in the accumulation dtype (fp32, fp64 for fp64 input) whatever
+    loss_dtype is; the transformers integration asks for fp32, the dtype of the stock
+    loss, which upcasts the logits first, instead of a loss rounded to bf16.
+    """
     _check_tensor("input", input)
     if isinstance(linear_weight, torch.Tensor) and isinstance(linear_bias, (torch.Tensor, type(None))):
         # under torch.autocast, the operands of the linear as F.linear would see them
@@ -475,7 +490,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if chunk_size is None:
         chunk_size = _default_chunk_size(N, V, H, D, input.element_size(), input.device)
     spec = _Spec(opts, prob, D, chunk_size, need,
-                 bool(getattr(options, "allow_retain_graph", False)), _autocast.loss_dtype(input))
+                 bool(getattr(options, "allow_retain_graph", False)),
+                 _autocast.loss_dtype(input) if loss_dtype is None else loss_dtype)
     loss = _dispatch.apply(_LinearCrossEntropyFunction, x, linear_weight, linear_bias, t, weight,
                            spec)[0]
     if opts.reduction == "none":
