@@ -55,6 +55,16 @@ OPTION_SETS = {
     # probability targets with every option: all five flags on
     "probs+all": dict(weight=True, prob=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0),
 }
+# the per-row statistics (and the target's gradient), compiled for the common LLM dtypes and
+# vocabularies only: they add registers per element, which is what the records check
+STATS_SETS = {
+    "ids+stats": dict(weight=False, prob=False, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                      stats=True),
+    "probs+all+stats+tgrad": dict(weight=True, prob=True, label_smoothing=0.1, z_loss=1e-4,
+                                  softcap=30.0, stats=True, tgrad=True),
+}
+STATS_VOCABS = (32000, 128256)
+STATS_DTYPES = ("float32", "bfloat16")
 
 
 def all_option_sets():
@@ -95,6 +105,7 @@ KERNEL_NAMES = {
 
 def configs(vocabs=VOCABS, dtypes=DTYPES, option_sets=None):
     """The configurations inspect compiles: each kernel x option set x dtype x V."""
+    default = option_sets is None
     option_sets = list(option_sets or OPTION_SETS)
     out = []
     for V in vocabs:
@@ -102,8 +113,17 @@ def configs(vocabs=VOCABS, dtypes=DTYPES, option_sets=None):
             for kernel in ("fwd", "fused", "bwd"):
                 for opt in option_sets:
                     out.append(Config(kernel, opt, dtype, V))
+                if default and V in STATS_VOCABS and dtype in STATS_DTYPES:
+                    for opt in STATS_SETS:
+                        if kernel != "bwd" or STATS_SETS[opt].get("tgrad"):
+                            out.append(Config(kernel, opt, dtype, V))
             out.append(Config("scale", "-", dtype, V))
     return out
+
+
+def option_set(name):
+    """The options of an option-set name (OPTION_SETS, STATS_SETS or all_option_sets)."""
+    return OPTION_SETS.get(name) or STATS_SETS.get(name) or all_option_sets()[name]
 
 
 # ----------------------------------------------------------------------------- 1. capture
@@ -152,7 +172,7 @@ def capture(cfg, module=None):
         if cfg.kernel == "scale":
             module.scale_grad(logits, torch.ones((), dtype=dtype))
         else:
-            o = OPTION_SETS.get(cfg.options) or all_option_sets()[cfg.options]
+            o = option_set(cfg.options)
             if o["prob"]:
                 target = torch.empty(N, V, dtype=dtype)
             else:
@@ -160,18 +180,21 @@ def capture(cfg, module=None):
             weight = torch.empty(V, dtype=dtype) if o["weight"] else None
             kw = dict(ignore_index=-100, label_smoothing=o["label_smoothing"],
                       z_loss=o["z_loss"], softcap=o["softcap"])
+            dtarget = torch.empty_like(target) if o.get("tgrad") else None
             if cfg.kernel == "bwd":
                 stats = torch.empty(4, N, dtype=torch.float32)
                 # backward-time path = reduction 'none': one upstream gradient per row
                 dloss = torch.ones(N, dtype=dtype)
                 module.cross_entropy_bwd(logits, target, weight, stats, dloss,
                                          torch.ones((), dtype=torch.float32),
-                                         torch.empty_like(logits), **kw)
+                                         torch.empty_like(logits), dtarget=dtarget, **kw)
             elif cfg.kernel == "fused":
                 module.cross_entropy_fwd(logits, target, weight, grad=torch.empty_like(logits),
-                                         grad_scale=torch.ones((), dtype=torch.float32), **kw)
+                                         grad_scale=torch.ones((), dtype=torch.float32),
+                                         with_stats=bool(o.get("stats")), dtarget=dtarget, **kw)
             else:
-                module.cross_entropy_fwd(logits, target, weight, **kw)
+                module.cross_entropy_fwd(logits, target, weight, with_stats=bool(o.get("stats")),
+                                         **kw)
     launches = [launch for r in rec.values() for launch in r.launches]
     if len(launches) != 1:
         raise RuntimeError(f"{cfg}: expected one kernel launch, the launcher made {len(launches)}")

@@ -11,6 +11,7 @@ against N*V*b.
 Providers:
     softmax_ce_gpu           softmax_ce_gpu.cross_entropy
     softmax_ce_gpu_inplace   the same, inplace_backward=True (the gradient overwrites the logits)
+    softmax_ce_gpu_stats     the same, return_stats=True (lse, entropy, correct per row)
     torch                    torch.nn.functional.cross_entropy, eager
     torch_compile            torch.compile of the same (static shapes, default mode)
     liger                    Liger-Kernel's cross entropy (overwrites the logits with the gradient)
@@ -46,7 +47,7 @@ def _with_note(fn, note):
     return fn
 
 
-def _load_softmax_ce_gpu(env, inplace):
+def _load_softmax_ce_gpu(env, inplace, stats=False):
     import softmax_ce_gpu
 
     if env.device == "cuda":
@@ -59,8 +60,12 @@ def _load_softmax_ce_gpu(env, inplace):
         interpreted = kernels is not None and kernels.INTERPRETER
         note = "triton interpreter" if interpreted else "pure-PyTorch path"
 
-    def run(logits, target):
-        return softmax_ce_gpu.cross_entropy(logits, target, inplace_backward=inplace)
+    if stats:
+        def run(logits, target):
+            return softmax_ce_gpu.cross_entropy(logits, target, return_stats=True)[0]
+    else:
+        def run(logits, target):
+            return softmax_ce_gpu.cross_entropy(logits, target, inplace_backward=inplace)
 
     return _with_note(run, note)
 
@@ -118,6 +123,8 @@ CROSS_ENTROPY = Op(
         "softmax_ce_gpu": Impl(lambda env: _load_softmax_ce_gpu(env, inplace=False)),
         "softmax_ce_gpu_inplace": Impl(lambda env: _load_softmax_ce_gpu(env, inplace=True),
                                        inplace=True),
+        "softmax_ce_gpu_stats": Impl(lambda env: _load_softmax_ce_gpu(env, inplace=False,
+                                                                      stats=True)),
         "torch": Impl(_load_torch),
         "torch_compile": Impl(_load_torch_compile),
         "liger": Impl(_load_liger, inplace=True),

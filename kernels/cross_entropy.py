@@ -59,13 +59,21 @@ from .tuning import row_config
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): exp2 is one MUFU.EX2
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _FLT_MAX_PY = 3.4028234663852886e38
+_NO_COLUMN = tl.constexpr(2 ** 31 - 1)  # an argmax sentinel above every column
 
 
 @triton.jit
 def _load_z(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP: tl.constexpr):
+    """(z, dz/dx) of a chunk of one row (see _load_xz)."""
+    _, z, dz = _load_xz(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP)
+    return z, dz
+
+
+@triton.jit
+def _load_xz(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP: tl.constexpr):
     """Load a chunk of one row as fp32 and apply the softcap; masked lanes are -inf.
 
-    Returns (z, dz/dx). inv_softcap is k = 1/c (see softcap_scalar). With u = k x:
+    Returns (x, z, dz/dx). inv_softcap is k = 1/c (see softcap_scalar). With u = k x:
 
         |u| < 1/4:  z = x * tanh(u)/u, the odd Taylor series to u^9 (relative error < 1e-8:
                     no cancellation for small |x| / c, and exact in the limit c -> inf)
@@ -94,7 +102,7 @@ def _load_z(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP: tl.conste
     else:
         z = x
         dz = 1.0
-    return z, dz
+    return x, z, dz
 
 
 @triton.jit
@@ -163,14 +171,19 @@ def _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V, ignore_index, l
 
 
 @triton.jit
-def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
-                    stride_x_col, stride_t_col, stride_g_col,
+def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr, dt_row_ptr,
+                    stride_x_col, stride_t_col, stride_g_col, stride_dt_col,
                     V, label_smoothing, z_loss, inv_softcap,
                     valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
                     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr,
                     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+                    WRITE_X: tl.constexpr = True, TARGET_GRAD: tl.constexpr = False):
     """grad_j = scale * (p_j (S + 2 z_loss lse) - y_j) [* softcap'], one sweep over the row.
+
+    WRITE_X: store that gradient of the logits (False when only the target's is wanted).
+    TARGET_GRAD (probability targets): also dt_j = scale (1 - e) w_j (lse - z_j), the
+    gradient with respect to the target, in the same sweep.
 
     The target column c of a class-index row is computed once, as a scalar:
     p_c (S') - (1 - e) w_c - a_c = (1 - e) w_c (p_c - 1) + p_c (S' - (1 - e) w_c) - a_c
@@ -198,25 +211,35 @@ def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr,
         # p_j is large), the rest one FFMA into the MUFU
         logd2 = logd * _LOG2E
         k = coef_p * scale
+        k_t = (1.0 - label_smoothing) * scale
         for off in range(0, V, BLOCK_V):
             cols = off + tl.arange(0, BLOCK_V)
             in_row = cols < V
             z, dz = _load_z(x_row_ptr, cols, in_row, stride_x_col, inv_softcap, HAS_SOFTCAP)
-            p = tl.math.exp2((z - m) * _LOG2E - logd2)
-            if PROB_TARGET or HAS_SMOOTHING:
-                a = _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col,
-                                  label_smoothing, V, HAS_WEIGHT, PROB_TARGET)
-                g = (p * coef_p - a) * scale
-            else:
-                g = p * k
-            if HAS_SOFTCAP:
-                g = g * dz
-            if not PROB_TARGET:
-                if (c32 >= off) & (c32 < off + BLOCK_V):  # a scalar test: one chunk of the row
-                    g = tl.where(cols == c32, g_c, g)
-            tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col,
-                     g.to(g_row_ptr.dtype.element_ty), mask=in_row)
-    else:
+            if WRITE_X:
+                p = tl.math.exp2((z - m) * _LOG2E - logd2)
+                if PROB_TARGET or HAS_SMOOTHING:
+                    a = _dense_target(t_row_ptr, weight_ptr, cols, in_row, stride_t_col,
+                                      label_smoothing, V, HAS_WEIGHT, PROB_TARGET)
+                    g = (p * coef_p - a) * scale
+                else:
+                    g = p * k
+                if HAS_SOFTCAP:
+                    g = g * dz
+                if not PROB_TARGET:
+                    if (c32 >= off) & (c32 < off + BLOCK_V):  # a scalar test: one chunk
+                        g = tl.where(cols == c32, g_c, g)
+                tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col,
+                         g.to(g_row_ptr.dtype.element_ty), mask=in_row)
+            if TARGET_GRAD:
+                # d loss / d t_j = (1 - e) w_j (lse - z_j): lse - z_j >= 0 computed as
+                # (m - z_j) + log d, exact near the max; a -inf logit gives inf, as in torch
+                dt = k_t * ((m - z) + logd)
+                if HAS_WEIGHT:
+                    dt = dt * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+                tl.store(dt_row_ptr + cols.to(tl.int64) * stride_dt_col,
+                         dt.to(dt_row_ptr.dtype.element_ty), mask=in_row)
+    elif WRITE_X:
         for off in range(0, V, BLOCK_V):
             cols = off + tl.arange(0, BLOCK_V)
             tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col,
@@ -233,10 +256,12 @@ def _cross_entropy_fwd_kernel(
                      # log d (lse = m + log d) and S = sum of the target weights
     grad_ptr,        # (N, V) logits dtype out, written if FUSE_GRAD (may alias logits)
     grad_scale_ptr,  # () fp32: factor of the fused gradient (1 / denominator for 'mean')
+    dt_ptr,          # (N, V) target dtype out: d loss / d target, written if TARGET_GRAD
     # strides (in elements)
     stride_x_row, stride_x_col,
     stride_t_row, stride_t_col,
     stride_g_row, stride_g_col,
+    stride_dt_row, stride_dt_col,
     stride_stats,
     # sizes
     V,
@@ -245,9 +270,11 @@ def _cross_entropy_fwd_kernel(
     # constexprs
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FUSE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, STATS: tl.constexpr = False, TARGET_GRAD: tl.constexpr = False,
 ):
-    """Per-row loss, max, log d and S; with FUSE_GRAD also the row's gradient times *grad_scale."""
+    """Per-row loss, max, log d and S; with FUSE_GRAD also the row's gradient times *grad_scale,
+    with TARGET_GRAD the target's. STATS: rows 4-6 of the stats get lse, the entropy of the
+    softmax and whether the argmax is the target (1.0 / 0.0), from the same sweep."""
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     t_row_ptr = target_ptr + row * stride_t_row
@@ -273,12 +300,42 @@ def _cross_entropy_fwd_kernel(
     m_row = -float("inf")
     A = 0.0  # sum_j a_j
     B = 0.0  # sum_j a_j (m_row - z_j) >= 0
+    if STATS:
+        # per lane: T_l = sum of exp(z_j - m_l) (z_j - m_l) <= 0 (the entropy's sum), and the
+        # first column of the lane's largest logit (of the target row's, for probabilities)
+        T_l = tl.zeros([BLOCK_V], tl.float32)
+        i_l = tl.full([BLOCK_V], _NO_COLUMN, tl.int32)
+        if HAS_SOFTCAP:  # the argmax is of the logits, which the capped z may tie
+            x_l = tl.full([BLOCK_V], -float("inf"), tl.float32)
+        if PROB_TARGET:
+            tv_l = tl.full([BLOCK_V], -float("inf"), tl.float32)
+            ti_l = tl.full([BLOCK_V], _NO_COLUMN, tl.int32)
     for off in range(0, V, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         in_row = cols < V
-        z, dz = _load_z(x_row_ptr, cols, cols < n_read, stride_x_col, inv_softcap, HAS_SOFTCAP)
+        x, z, dz = _load_xz(x_row_ptr, cols, cols < n_read, stride_x_col, inv_softcap,
+                            HAS_SOFTCAP)
         delta = z - m_l
         t = tl.math.exp2(-tl.abs(delta) * _LOG2E)  # exp(-|z - m_l|): one exp either way
+        if STATS:
+            # a new lane max rescales the old terms: T' = e^-delta (T - delta d_l), d_l = 1 + s_l;
+            # an element below it adds e^delta delta (0 for a -inf logit, and for an empty lane)
+            T_l = tl.where(delta > 0.0,
+                           tl.where(s_l > -1.0, t * (T_l - delta * (1.0 + s_l)), 0.0),
+                           T_l + tl.where(z == -float("inf"), 0.0, t * delta))
+            # strictly greater: the earliest column of a tie stays, as torch.argmax's
+            if HAS_SOFTCAP:
+                better = x > x_l
+                x_l = tl.where(better, x, x_l)
+            else:  # z is x: the lane max m_l is the argmax's value too
+                better = delta > 0.0
+            i_l = tl.where(better, cols, i_l)
+            if PROB_TARGET:
+                tv = tl.load(t_row_ptr + cols.to(tl.int64) * stride_t_col, mask=in_row,
+                             other=-float("inf")).to(tl.float32)
+                t_better = tv > tv_l
+                tv_l = tl.where(t_better, tv, tv_l)
+                ti_l = tl.where(t_better, cols, ti_l)
         # z above the lane max: the old max's 1 joins the sum, all of it scaled by
         # exp(m_l - z), and z is the new max (adds no 1); else z adds exp(z - m_l), exactly
         # 1 when it ties the max: s_l keeps the digits of d_l - 1
@@ -327,15 +384,37 @@ def _cross_entropy_fwd_kernel(
     tl.store(stats_ptr + stride_stats + row, m)
     tl.store(stats_ptr + 2 * stride_stats + row, logd)
     tl.store(stats_ptr + 3 * stride_stats + row, S)
+    if STATS:
+        # the lanes' T relative to m (a lane with no element brings nothing), then
+        # H = lse - sum_j p_j z_j = log d - T / d: a sum of two terms >= 0
+        T = tl.sum(tl.where(s_l > -1.0, tl.exp(m_l - m) * (T_l + (m_l - m) * (1.0 + s_l)), 0.0),
+                   axis=0)
+        entropy = logd - _div(T, 1.0 + s)
+        if HAS_SOFTCAP:
+            best = tl.min(tl.where(x_l == tl.max(x_l, axis=0), i_l, _NO_COLUMN), axis=0)
+        else:
+            best = tl.min(tl.where(m_l == tl.max(m_l, axis=0), i_l, _NO_COLUMN), axis=0)
+        best = tl.where(best == _NO_COLUMN, 0, best)  # every logit -inf: torch.argmax says 0
+        if PROB_TARGET:
+            t_best = tl.min(tl.where(tv_l == tl.max(tv_l, axis=0), ti_l, _NO_COLUMN), axis=0)
+            hit = best == tl.where(t_best == _NO_COLUMN, 0, t_best)
+        else:
+            hit = best.to(tl.int64) == c
+        # an ignored row read nothing: its lse and entropy are NaN, and it is never correct
+        tl.store(stats_ptr + 4 * stride_stats + row, tl.where(valid, lse, float("nan")))
+        tl.store(stats_ptr + 5 * stride_stats + row, tl.where(valid, entropy, float("nan")))
+        tl.store(stats_ptr + 6 * stride_stats + row, (valid & hit).to(tl.float32))
 
-    if FUSE_GRAD:
+    if FUSE_GRAD or TARGET_GRAD:
         # the same program sweeps the row again at once: its bytes are still in L2
         scale = tl.load(grad_scale_ptr).to(tl.float32)
         _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, grad_ptr + row * stride_g_row,
-                        stride_x_col, stride_t_col, stride_g_col,
+                        dt_ptr + row * stride_dt_row,
+                        stride_x_col, stride_t_col, stride_g_col, stride_dt_col,
                         V, label_smoothing, z_loss, inv_softcap,
                         valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
-                        HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
+                        HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V,
+                        FUSE_GRAD, TARGET_GRAD)
 
 
 @triton.jit
@@ -348,11 +427,13 @@ def _cross_entropy_bwd_kernel(
                      # (loss, max, log d, S; the loss is not read)
     dloss_ptr,       # (N,) upstream gradient per row, or () with stride_dloss = 0
     grad_scale_ptr,  # () fp32: reduction factor (1 / denominator for 'mean', else 1)
-    grad_ptr,        # (N, V) logits dtype out (may alias logits)
+    grad_ptr,        # (N, V) logits dtype out (may alias logits), written if WRITE_X
+    dt_ptr,          # (N, V) target dtype out: d loss / d target, written if TARGET_GRAD
     # strides (in elements)
     stride_x_row, stride_x_col,
     stride_t_row, stride_t_col,
     stride_g_row, stride_g_col,
+    stride_dt_row, stride_dt_col,
     stride_dloss, stride_stats,
     # sizes
     V,
@@ -361,8 +442,10 @@ def _cross_entropy_bwd_kernel(
     # constexprs
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    WRITE_X: tl.constexpr = True, TARGET_GRAD: tl.constexpr = False,
 ):
-    """grad = dloss[row] * grad_scale * dl/dx for one row, from the saved max, log d and S."""
+    """grad = dloss[row] * grad_scale * dl/dx for one row, from the saved max, log d and S;
+    with TARGET_GRAD also the target's gradient (see _write_row_grad)."""
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     z_c = 0.0
@@ -381,11 +464,12 @@ def _cross_entropy_bwd_kernel(
     S = tl.load(stats_ptr + 3 * stride_stats + row)
     scale = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32) * tl.load(grad_scale_ptr)
     _write_row_grad(x_row_ptr, target_ptr + row * stride_t_row, weight_ptr,
-                    grad_ptr + row * stride_g_row,
-                    stride_x_col, stride_t_col, stride_g_col,
+                    grad_ptr + row * stride_g_row, dt_ptr + row * stride_dt_row,
+                    stride_x_col, stride_t_col, stride_g_col, stride_dt_col,
                     V, label_smoothing, z_loss, inv_softcap,
                     valid, c, w_c, coef_c, z_c, dz_c, m, logd, S, scale,
-                    HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)
+                    HAS_WEIGHT, PROB_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V,
+                    WRITE_X, TARGET_GRAD)
 
 
 @triton.jit
@@ -444,7 +528,7 @@ def _target_strides(target):
 
 
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
-                      grad=None, grad_scale=None, stats=None):
+                      grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None):
     """Per-row loss, max, log d and S of 2-D logits; with ``grad``, also the fused gradient.
 
     Preconditions (checked by the host code, not here): logits (N, V) fp32/bf16/fp16 with
@@ -452,51 +536,68 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     probabilities; weight None or (V,) contiguous; all on one device; N >= 1.
     grad: None, or an (N, V) tensor of the logits' dtype (it may be the logits themselves)
     that receives grad_scale * dl/dx; grad_scale: () fp32 tensor on the same device.
-    stats: None, or a (4, N) fp32 tensor with unit column stride to write the stats into.
+    stats: None, or a (4, N) fp32 tensor ((7, N) with with_stats) with unit column stride
+    to write the stats into. with_stats: rows 4-6 get lse, the entropy and whether the
+    argmax is the target (1.0 / 0.0). dtarget: None, or an (N, V) tensor of the
+    probability target's dtype that receives grad_scale * d loss / d target.
 
-    Returns the (4, N) fp32 stats whose rows are the per-row loss, max, log d and S.
+    Returns the (4, N) ((7, N)) fp32 stats whose rows are the per-row loss, max, log d and S
+    (then lse, entropy, correct).
     """
     N, V = logits.shape
-    if stats is None:  # one allocation for the four per-row outputs
-        stats = torch.empty(4, N, dtype=torch.float32, device=logits.device)
+    if stats is None:  # one allocation for all the per-row outputs
+        stats = torch.empty(7 if with_stats else 4, N, dtype=torch.float32, device=logits.device)
     fuse = grad is not None
     if not fuse:
         grad = logits  # not written: FUSE_GRAD=False
-        grad_scale = stats
+    if grad_scale is None:
+        grad_scale = stats  # not read
+    target_grad = dtarget is not None
+    if not target_grad:
+        dtarget = logits  # not written: TARGET_GRAD=False
     flags = _flags(target, weight, label_smoothing, z_loss, softcap)
-    block, num_warps = row_config(V, logits.element_size(), heavy=any(flags.values()))
+    block, num_warps = row_config(V, logits.element_size(), heavy=any(flags.values()) or target_grad,
+                                  stats=with_stats)
     stride_t_row, stride_t_col = _target_strides(target)
     _cross_entropy_fwd_kernel[(N,)](
-        logits, target, weight if weight is not None else stats, stats, grad, grad_scale,
+        logits, target, weight if weight is not None else stats, stats, grad, grad_scale, dtarget,
         logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
-        grad.stride(0), grad.stride(1), stats.stride(0),
+        grad.stride(0), grad.stride(1), dtarget.stride(0), dtarget.stride(1), stats.stride(0),
         V,
         ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
-        FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, **flags,
+        FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, STATS=with_stats,
+        TARGET_GRAD=target_grad, **flags,
     )
     return stats
 
 
 def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
-                      ignore_index, label_smoothing, z_loss, softcap):
+                      ignore_index, label_smoothing, z_loss, softcap, dtarget=None):
     """Write grad = dloss * grad_scale * dl/dx from the forward's saved rows.
 
     Preconditions: as cross_entropy_fwd; stats the (4, N) fp32 tensor it returned (or a view
     with unit column stride); dloss (N,) (one upstream gradient per row) or () (one for all rows);
-    grad_scale () fp32; grad (N, V) of the logits' dtype (it may be the logits themselves).
+    grad_scale () fp32; grad None or (N, V) of the logits' dtype (it may be the logits
+    themselves); dtarget None or (N, V) of the probability target's dtype, which receives
+    dloss * grad_scale * d loss / d target. At least one of grad and dtarget.
     """
     N, V = logits.shape
     flags = _flags(target, weight, label_smoothing, z_loss, softcap)
-    block, num_warps = row_config(V, logits.element_size(), heavy=any(flags.values()))
+    target_grad = dtarget is not None
+    block, num_warps = row_config(V, logits.element_size(),
+                                  heavy=any(flags.values()) or target_grad)
     stride_t_row, stride_t_col = _target_strides(target)
     stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
+    write_x = grad is not None
+    g = grad if write_x else logits  # not written without WRITE_X
+    dt = dtarget if target_grad else logits  # not written without TARGET_GRAD
     _cross_entropy_bwd_kernel[(N,)](
-        logits, target, weight if weight is not None else stats, stats, dloss, grad_scale, grad,
+        logits, target, weight if weight is not None else stats, stats, dloss, grad_scale, g, dt,
         logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
-        grad.stride(0), grad.stride(1), stride_dloss, stats.stride(0),
+        g.stride(0), g.stride(1), dt.stride(0), dt.stride(1), stride_dloss, stats.stride(0),
         V,
         ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
-        BLOCK_V=block, num_warps=num_warps, **flags,
+        BLOCK_V=block, num_warps=num_warps, WRITE_X=write_x, TARGET_GRAD=target_grad, **flags,
     )
     return grad
 

@@ -29,13 +29,17 @@ _MIN_BLOCK = 16
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
-def row_config(V: int, element_size: int, heavy: bool = False) -> tuple:
+def row_config(V: int, element_size: int, heavy: bool = False, stats: bool = False) -> tuple:
     """(BLOCK_V, num_warps) for a row-wise sweep over V elements of the given size.
 
-    heavy: the kernel carries options that add per-element work (see above).
+    heavy: the kernel carries options that add per-element work (see above); stats: it also
+    keeps the per-row statistics' lane state (the entropy's sum, the argmax and its column:
+    three more registers per element), which halves the chunk once more.
     """
     cap = max(_MIN_BLOCK, _CHUNK_BYTES // element_size)
     if heavy or V % 16:
+        cap //= 2
+    if stats:
         cap //= 2
     block = max(_MIN_BLOCK, min(triton.next_power_of_2(V), cap))
     if block <= 1024:

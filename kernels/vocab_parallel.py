@@ -154,8 +154,8 @@ def _vocab_parallel_bwd_kernel(
     logd = tl.load(logd_ptr + row)
     S = tl.where(valid, 1.0, 0.0)  # (1 - e) + V (e / V): the target weights sum to 1
     scale = tl.load(dloss_ptr + row * stride_dloss).to(tl.float32) * tl.load(grad_scale_ptr)
-    _write_row_grad(x_row_ptr, target_ptr, target_ptr, grad_ptr + row * stride_g_row,
-                    stride_x_col, 0, stride_g_col,
+    _write_row_grad(x_row_ptr, target_ptr, target_ptr, grad_ptr + row * stride_g_row, grad_ptr,
+                    stride_x_col, 0, stride_g_col, 0,
                     W, e_shard, z_loss, inv_softcap,
                     valid, c_loc, 1.0, coef_c, z_c, dz_c, m, logd, S, scale,
                     False, False, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP, BLOCK_V)

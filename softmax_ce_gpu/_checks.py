@@ -359,11 +359,7 @@ def check_cross_entropy(fn, logits, target, weight, ignore_index, reduction, lab
     V = check_logits(fn, logits)
     prob = check_target(fn, logits, target, opts.ignore_index)
     weight = check_weight(fn, logits, weight, V)
-    if prob:
-        if target.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: the gradient with respect to probability 'target' is not "
-                             "supported; pass target.detach()")
-    else:
+    if not prob:
         # the range of the ids is checked by the reduction's launch (_ops.loss_scale)
         target = as_class_ids(target, opts.ignore_index)
     return opts, V, prob, target, weight

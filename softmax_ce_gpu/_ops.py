@@ -52,29 +52,39 @@ def call(op, *args):
     return out
 
 
-def _stats_like(logits):
-    return logits.new_empty(4, logits.shape[0], dtype=acc_dtype(logits))
+def _stats_like(logits, with_stats=False):
+    return logits.new_empty(7 if with_stats else 4, logits.shape[0], dtype=acc_dtype(logits))
 
 
-def _fwd(logits, target, weight, grad, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
+def _fwd(logits, target, weight, grad, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+         with_stats, dtarget):
     if logits.shape[0] == 0:
-        return _stats_like(logits)
+        return _stats_like(logits, with_stats)
     backend = backend_for("cross_entropy", logits)
     return backend.cross_entropy_fwd(
         logits, target, weight, grad=grad, grad_scale=grad_scale, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, with_stats=with_stats,
+        dtarget=dtarget)
+
+
+def _maybe_like(t, wanted):
+    """A new tensor like t when wanted, else an empty one (an op must return a tensor)."""
+    return torch.empty(t.shape if wanted else (0,), dtype=t.dtype, device=t.device)
 
 
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_scale: Tensor,
                        ignore_index: int, label_smoothing: float, z_loss: float,
-                       softcap: Optional[float], with_grad: bool) -> tuple[Tensor, Tensor]:
-    """(stats, grad): stats (4, N) per row (loss, max, log d, S), and the fused gradient times
-    grad_scale (or an empty tensor)."""
-    grad = torch.empty(logits.shape if with_grad else (0,), dtype=logits.dtype,
-                       device=logits.device)
+                       softcap: Optional[float], with_grad: bool, with_stats: bool,
+                       with_target_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(stats, grad, dtarget): stats (4, N) per row (loss, max, log d, S; (7, N) with_stats:
+    then lse, entropy, correct), the fused gradient times grad_scale and the probability
+    target's (each an empty tensor when not asked for)."""
+    grad = _maybe_like(logits, with_grad)
+    dtarget = _maybe_like(target, with_target_grad)
     stats = _fwd(logits, target, weight, grad if with_grad else None, grad_scale, ignore_index,
-                 label_smoothing, z_loss, softcap)
-    return stats, grad
+                 label_smoothing, z_loss, softcap, with_stats,
+                 dtarget if with_target_grad else None)
+    return stats, grad, dtarget
 
 
 cross_entropy_fwd = _custom_op("cross_entropy_fwd", _cross_entropy_fwd, ())
@@ -82,32 +92,38 @@ cross_entropy_fwd = _custom_op("cross_entropy_fwd", _cross_entropy_fwd, ())
 
 @cross_entropy_fwd.register_fake
 def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-      with_grad):
-    return _stats_like(logits), logits.new_empty(logits.shape if with_grad else (0,))
+      with_grad, with_stats, with_target_grad):
+    return (_stats_like(logits, with_stats), logits.new_empty(logits.shape if with_grad else (0,)),
+            target.new_empty(target.shape if with_target_grad else (0,)))
 
 
 def _cross_entropy_fwd_out(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                            grad_scale: Tensor, ignore_index: int, label_smoothing: float,
-                           z_loss: float, softcap: Optional[float], out: Tensor) -> Tensor:
-    """(4, N) stats per row; the gradient times grad_scale goes into `out` (not the logits)."""
+                           z_loss: float, softcap: Optional[float], out: Tensor,
+                           with_stats: bool) -> Tensor:
+    """The stats per row; the gradient times grad_scale goes into `out` (not the logits)."""
     return _fwd(logits, target, weight, out, grad_scale, ignore_index, label_smoothing, z_loss,
-                softcap)
+                softcap, with_stats, None)
 
 
 cross_entropy_fwd_out = _custom_op("cross_entropy_fwd_out", _cross_entropy_fwd_out, ("out",))
 
 
 @cross_entropy_fwd_out.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, out):
-    return _stats_like(logits)
+def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, out,
+      with_stats):
+    return _stats_like(logits, with_stats)
 
 
 def _cross_entropy_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                                grad_scale: Tensor, ignore_index: int, label_smoothing: float,
-                               z_loss: float, softcap: Optional[float]) -> Tensor:
-    """(4, N) stats per row; the logits are overwritten by their gradient times grad_scale."""
-    return _fwd(logits, target, weight, logits, grad_scale, ignore_index, label_smoothing, z_loss,
-                softcap)
+                               z_loss: float, softcap: Optional[float], with_stats: bool,
+                               with_target_grad: bool) -> tuple[Tensor, Tensor]:
+    """(stats, dtarget); the logits are overwritten by their gradient times grad_scale."""
+    dtarget = _maybe_like(target, with_target_grad)
+    stats = _fwd(logits, target, weight, logits, grad_scale, ignore_index, label_smoothing, z_loss,
+                 softcap, with_stats, dtarget if with_target_grad else None)
+    return stats, dtarget
 
 
 cross_entropy_fwd_inplace = _custom_op("cross_entropy_fwd_inplace", _cross_entropy_fwd_inplace,
@@ -115,27 +131,32 @@ cross_entropy_fwd_inplace = _custom_op("cross_entropy_fwd_inplace", _cross_entro
 
 
 @cross_entropy_fwd_inplace.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap):
-    return _stats_like(logits)
+def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+      with_stats, with_target_grad):
+    return (_stats_like(logits, with_stats),
+            target.new_empty(target.shape if with_target_grad else (0,)))
 
 
 def _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, label_smoothing,
-         z_loss, softcap):
+         z_loss, softcap, dtarget=None):
     if logits.shape[0]:
         backend_for("cross_entropy", logits).cross_entropy_bwd(
             logits, target, weight, stats, dloss, grad_scale, grad,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap)
+            softcap=softcap, dtarget=dtarget)
 
 
 def _cross_entropy_bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                        dloss: Tensor, grad_scale: Tensor, ignore_index: int,
-                       label_smoothing: float, z_loss: float, softcap: Optional[float]) -> Tensor:
-    """The gradient dloss * grad_scale * dl/dx from the forward's (4, N) per-row stats."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, label_smoothing,
-         z_loss, softcap)
-    return grad
+                       label_smoothing: float, z_loss: float, softcap: Optional[float],
+                       with_grad: bool, with_target_grad: bool) -> tuple[Tensor, Tensor]:
+    """(grad, dtarget): dloss * grad_scale times the gradient of the logits and of the
+    probability target, from the forward's per-row stats (empty tensors when not asked)."""
+    grad = _maybe_like(logits, with_grad)
+    dtarget = _maybe_like(target, with_target_grad)
+    _bwd(logits, target, weight, stats, dloss, grad_scale, grad if with_grad else None,
+         ignore_index, label_smoothing, z_loss, softcap, dtarget if with_target_grad else None)
+    return grad, dtarget
 
 
 cross_entropy_bwd = _custom_op("cross_entropy_bwd", _cross_entropy_bwd, ())
@@ -143,17 +164,21 @@ cross_entropy_bwd = _custom_op("cross_entropy_bwd", _cross_entropy_bwd, ())
 
 @cross_entropy_bwd.register_fake
 def _(logits, target, weight, stats, dloss, grad_scale, ignore_index, label_smoothing, z_loss,
-      softcap):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+      softcap, with_grad, with_target_grad):
+    grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad
+            else logits.new_empty(0))
+    return grad, target.new_empty(target.shape if with_target_grad else (0,))
 
 
 def _cross_entropy_bwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                                stats: Tensor, dloss: Tensor, grad_scale: Tensor,
                                ignore_index: int, label_smoothing: float, z_loss: float,
-                               softcap: Optional[float]) -> None:
-    """As cross_entropy_bwd, overwriting the logits with the gradient."""
+                               softcap: Optional[float], with_target_grad: bool) -> Tensor:
+    """As cross_entropy_bwd, overwriting the logits with their gradient; returns dtarget."""
+    dtarget = _maybe_like(target, with_target_grad)
     _bwd(logits, target, weight, stats, dloss, grad_scale, logits, ignore_index, label_smoothing,
-         z_loss, softcap)
+         z_loss, softcap, dtarget if with_target_grad else None)
+    return dtarget
 
 
 cross_entropy_bwd_inplace = _custom_op("cross_entropy_bwd_inplace", _cross_entropy_bwd_inplace,
@@ -162,8 +187,8 @@ cross_entropy_bwd_inplace = _custom_op("cross_entropy_bwd_inplace", _cross_entro
 
 @cross_entropy_bwd_inplace.register_fake
 def _(logits, target, weight, stats, dloss, grad_scale, ignore_index, label_smoothing, z_loss,
-      softcap):
-    return None
+      softcap, with_target_grad):
+    return target.new_empty(target.shape if with_target_grad else (0,))
 
 
 def _scale_grad_(grad: Tensor, dloss: Tensor) -> None:

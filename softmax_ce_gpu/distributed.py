@@ -234,6 +234,8 @@ class _VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, *_):
+        if dloss is None:  # no gradient reached the loss (grads are not materialised)
+            return (None,) * 6
         second_order = torch.is_grad_enabled()  # create_graph=True
         if ctx.mode == "fused":
             grad, loss = take_fused_grad(ctx, ctx.fn)

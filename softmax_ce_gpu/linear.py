@@ -257,6 +257,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, *_):
+        if dloss is None:  # no gradient reached the loss (grads are not materialised)
+            return (None,) * 6
         with _autocast.off(dloss.device.type):
             return _LinearCrossEntropyFunction._backward(ctx, dloss)
 

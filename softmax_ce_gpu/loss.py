@@ -3,7 +3,7 @@
 A call flows one way: check the inputs, flatten to (N, V), pick the backend,
 run the autograd Function, which calls the launchers.
 
-Gradient strategy (the mode, decided on the host from flags alone, see _grad_mode):
+Gradient strategy (the plan, decided on the host from flags alone, see _grad_plan):
 - no gradient can be taken (torch.no_grad, inference_mode, or an input that does not
   require grad): forward only; the caller's logits are never written.
 - 'fused': reduction 'mean' or 'sum' with a gradient needed: the forward kernel writes
@@ -13,7 +13,9 @@ Gradient strategy (the mode, decided on the host from flags alone, see _grad_mod
 - 'late': reduction 'none' or fp16 logits: forward saves the per-row max, log d and S
   (12 bytes a row); backward reads the logits once and writes the gradient times the
   upstream gradient.
-- '_inplace' variants of both write the gradient over the logits (inplace_backward).
+- inplace: both paths can write the gradient over the logits (inplace_backward).
+- A probability target that requires grad gets its gradient from the same sweep that
+  writes the logits' (or alone, when the logits need none).
 
 Double backward (create_graph=True): the 'late' path recomputes its gradient with
 differentiable torch operations from the saved logits, so any order of derivative is
@@ -21,6 +23,9 @@ torch's; the 'fused' path has no logits left to differentiate, so it hands out t
 gradient through a node whose own backward raises (first-order uses such as
 torch.func.grad still work).
 """
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -64,34 +69,39 @@ def _batch_shape(logits):
     return (logits.shape[0],) + tuple(logits.shape[2:])
 
 
-def _forward(x, t, weight, opts, prob, grad_into, loss_dtype, fn):
-    """Reduced loss (of loss_dtype), the (4, N) per-row stats (loss, max, log d, S),
-    grad_scale and the fused gradient of 2-D inputs.
+def _forward(x, t, weight, opts, prob, grad_into, loss_dtype, fn, with_stats=False,
+             target_grad=False):
+    """(loss, stats, grad_scale, grad, dtarget) of 2-D inputs: the reduced loss (of
+    loss_dtype), the per-row stats ((4, N): loss, max, log d, S; (7, N) with_stats: then lse,
+    entropy, correct), grad_scale, the fused gradient and, with target_grad, the probability
+    target's (None when not made).
 
-    grad_into: None (no gradient), "new" (a new tensor), "logits" (overwrite x), or a
-    tensor to write the gradient into. Launches: the reduction's scale (which also checks
-    the class ids), the loss kernel, and the reduced loss's sum (not for 'none').
+    grad_into: None (no gradient of the logits), "new" (a new tensor), "logits" (overwrite
+    x), or a tensor to write the gradient into. Launches: the reduction's scale (which also
+    checks the class ids), the loss kernel, and the reduced loss's sum (not for 'none').
     """
     mean = opts.reduction == "mean"
     scale = _ops.call(_ops.loss_scale, x, t, weight, x.shape[1], opts.ignore_index, mean, prob,
                       fn)
     grad_scale = scale[1]
     args = (weight, grad_scale, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap)
-    grad = None
+    grad = dtarget = None
     if grad_into is None or grad_into == "new":
-        stats, grad = _ops.call(_ops.cross_entropy_fwd, x, t, *args, grad_into == "new")
+        stats, grad, dtarget = _ops.call(_ops.cross_entropy_fwd, x, t, *args, grad_into == "new",
+                                         with_stats, target_grad)
         grad = grad if grad_into == "new" else None
     elif isinstance(grad_into, str):
-        stats = _ops.call(_ops.cross_entropy_fwd_inplace, x, t, *args)
+        stats, dtarget = _ops.call(_ops.cross_entropy_fwd_inplace, x, t, *args, with_stats,
+                                   target_grad)
         grad = x
     else:
-        stats = _ops.call(_ops.cross_entropy_fwd_out, x, t, *args, grad_into)
+        stats = _ops.call(_ops.cross_entropy_fwd_out, x, t, *args, grad_into, with_stats)
         grad = grad_into
     if opts.reduction == "none":  # a copy, never a view of the stats saved for backward
         loss = stats[0].to(loss_dtype, copy=True)
     else:
         loss = _ops.call(_ops.loss_reduce, stats[0], scale, mean, loss_dtype)
-    return loss, stats, grad_scale, grad
+    return loss, stats, grad_scale, grad, dtarget if target_grad else None
 
 
 def _late_scale(x):
@@ -100,21 +110,37 @@ def _late_scale(x):
     A fused fp16 gradient would be rounded as (p - y) / N before a loss scaler's factor
     multiplies it, flushing every entry below fp16's smallest subnormal (6e-8) to zero;
     torch applies the upstream gradient before the cast. bf16 has fp32's exponent range.
+    float64 (the pure-PyTorch path, for checking rather than speed) takes the late path
+    too, so that it behaves as torch's in every autograd mode: retain_graph, gradcheck,
+    double backward.
     """
-    return x.dtype == torch.float16
+    return x.dtype in (torch.float16, torch.float64)
 
 
-def _grad_mode(x, opts, inplace_backward):
-    """How this call makes its gradient (see the module docstring): None when no gradient can
-    be taken, else 'fused' or 'late', with '_inplace' when it overwrites the logits."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+@dataclass(frozen=True)
+class _Plan:
+    """How a call makes its gradients (see the module docstring)."""
+
+    path: str        # "fused" or "late"
+    inplace: bool    # the logits' gradient overwrites them
+    need_x: bool     # the logits' gradient
+    need_t: bool     # the probability target's gradient
+
+
+def _grad_plan(x, t, prob, opts, inplace_backward):
+    """The _Plan of this call, or None when no gradient can be taken (decided from flags)."""
+    if not torch.is_grad_enabled():
         return None
-    mode = "late" if opts.reduction == "none" or _late_scale(x) else "fused"
-    return mode + "_inplace" if inplace_backward else mode
+    need_x, need_t = x.requires_grad, prob and t.requires_grad
+    if not (need_x or need_t):
+        return None
+    path = "late" if opts.reduction == "none" or _late_scale(x) else "fused"
+    return _Plan(path, inplace_backward and need_x, need_x, need_t)
 
 
-def _differentiable_grad(x, t, weight, opts, prob, dloss, grad_scale):
-    """dloss * grad_scale * dl/dx from torch operations that autograd can differentiate again.
+def _differentiable_grad(x, t, weight, opts, dloss, grad_scale, need_x, need_t):
+    """(dx, dt): dloss * grad_scale * the gradients of the logits and of a probability target,
+    from torch operations that autograd can differentiate again (None where not needed).
 
     The same math as the kernels (kernels/cross_entropy.py), written with softmax and
     logsumexp so that every derivative of it is torch's. Used only under create_graph=True.
@@ -132,72 +158,114 @@ def _differentiable_grad(x, t, weight, opts, prob, dloss, grad_scale):
     y, valid, _ = reference._target_matrix(t, weight, V, opts.ignore_index,
                                            opts.label_smoothing, acc)
     lse = torch.logsumexp(z, dim=1)
-    p = torch.exp(z - lse[:, None])
-    coef = y.sum(dim=1) + 2.0 * opts.z_loss * lse
     scale = (dloss.to(acc) * grad_scale.to(acc)).expand(x.shape[0])
-    g = (p * coef[:, None] - y) * torch.where(valid, scale, torch.zeros_like(scale))[:, None]
-    if opts.softcap is not None:
-        g = g * torch.where(pad, torch.zeros_like(th), 1.0 - th * th)
-    return g.to(x.dtype)
+    scale = torch.where(valid, scale, torch.zeros_like(scale))[:, None]
+    dx = dt = None
+    if need_x:
+        p = torch.exp(z - lse[:, None])
+        coef = y.sum(dim=1) + 2.0 * opts.z_loss * lse
+        dx = (p * coef[:, None] - y) * scale
+        if opts.softcap is not None:
+            dx = dx * torch.where(pad, torch.zeros_like(th), 1.0 - th * th)
+        dx = dx.to(x.dtype)
+    if need_t:
+        dt = (1.0 - opts.label_smoothing) * scale * (lse[:, None] - z)
+        if weight is not None:
+            dt = dt * weight.to(acc)
+        dt = dt.to(t.dtype)
+    return dx, dt
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
-    """Outputs: (loss,) and, by mode, what backward needs (marked non-differentiable)."""
+    """Outputs: (loss, stats, fused dx, fused dt, grad_scale), all but the loss marked
+    non-differentiable; None where a plan makes no such tensor."""
 
     generate_vmap_rule = True  # its ops have vmap rules (_ops.py)
 
     @staticmethod
-    def forward(x, t, weight, opts, prob, mode, fn, loss_dtype):
-        grad_into = {"fused": "new", "fused_inplace": "logits"}.get(mode)
-        loss, stats, grad_scale, grad = _forward(x, t, weight, opts, prob, grad_into,
-                                                 loss_dtype, fn)
-        if mode == "fused":
-            return loss, grad
-        if mode in ("late", "late_inplace"):
-            return loss, stats, grad_scale
-        return (loss,)
+    def forward(x, t, weight, opts, prob, plan, with_stats, fn, loss_dtype):
+        fused = plan is not None and plan.path == "fused"
+        grad_into = None
+        if fused and plan.need_x:
+            grad_into = "logits" if plan.inplace else "new"
+        loss, stats, grad_scale, grad, dt = _forward(x, t, weight, opts, prob, grad_into,
+                                                     loss_dtype, fn, with_stats,
+                                                     fused and plan.need_t)
+        late = plan is not None and plan.path == "late"
+        return (loss, stats, grad if grad_into == "new" else None, dt,
+                grad_scale if late else None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, t, weight, opts, prob, mode, fn, _ = inputs
-        ctx.opts, ctx.prob, ctx.mode, ctx.fn, ctx.consumed = opts, prob, mode, fn, False
-        ctx.mark_non_differentiable(*output[1:])
+        x, t, weight, opts, prob, plan, _, fn, _ = inputs
+        loss, stats, grad, dt, grad_scale = output
+        ctx.opts, ctx.plan, ctx.fn, ctx.consumed = opts, plan, fn, False
+        ctx.mark_non_differentiable(*(o for o in output[1:] if o is not None))
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
         ctx.set_materialize_grads(False)
-        if mode == "fused":
-            ctx.save_for_backward(output[1], output[0])
-        elif mode == "fused_inplace":
-            # the op declared its write into x (its version is bumped): any other saved use
-            # of the old logits fails loudly
-            ctx.save_for_backward(x, output[0])
-        elif mode in ("late", "late_inplace"):
-            ctx.save_for_backward(x, t, weight, *output[1:])
+        if plan is None:
+            return
+        if plan.path == "fused":
+            # with inplace_backward the op declared its write into x (its version is bumped):
+            # any other saved use of the old logits fails loudly
+            ctx.save_for_backward(loss, x if plan.inplace else grad, dt)
+        else:
+            ctx.save_for_backward(loss, x, t, weight, stats, grad_scale)
 
     @staticmethod
     def backward(ctx, dloss, *_):
-        nones = (None,) * 7
-        if ctx.mode in ("fused", "fused_inplace"):
-            grad, loss = take_fused_grad(ctx, ctx.fn)
-            if torch.is_grad_enabled():  # create_graph=True: the logits are gone
-                (grad,) = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, grad)
-                return (grad, *nones)
-            _ops.call(_ops.scale_grad_, grad, dloss)
-            return (grad, *nones)
-        x, t, weight, stats, grad_scale = ctx.saved_tensors
+        plan, nones = ctx.plan, (None,) * 7
+        if dloss is None:  # no gradient reached the loss (grads are not materialised)
+            return (None, None, *nones)
+        second_order = torch.is_grad_enabled()  # create_graph=True
+        if plan.path == "fused":
+            loss, dx, dt = take_fused_grad(ctx, ctx.fn)
+            if second_order:  # the logits are gone: a gradient that cannot be differentiated
+                dx, dt = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, dx, dt)
+            else:
+                for g in (dx, dt):
+                    if g is not None:
+                        _ops.call(_ops.scale_grad_, g, dloss)
+            return (dx, dt, *nones)
+        loss, x, t, weight, stats, grad_scale = ctx.saved_tensors
         o = ctx.opts
-        if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
-            return (_differentiable_grad(x, t, weight, o, ctx.prob, dloss, grad_scale), *nones)
+        if second_order:  # a gradient autograd can differentiate again
+            return (*_differentiable_grad(x, t, weight, o, dloss, grad_scale, plan.need_x,
+                                          plan.need_t), *nones)
         args = (x, t, weight, stats, dloss, grad_scale, o.ignore_index, o.label_smoothing,
                 o.z_loss, o.softcap)
-        if ctx.mode == "late_inplace":
-            _ops.call(_ops.cross_entropy_bwd_inplace, *args)
-            return (x, *nones)
-        return (_ops.call(_ops.cross_entropy_bwd, *args), *nones)
+        if plan.inplace:
+            dt = _ops.call(_ops.cross_entropy_bwd_inplace, *args, plan.need_t)
+            dx = x
+        else:
+            dx, dt = _ops.call(_ops.cross_entropy_bwd, *args, plan.need_x, plan.need_t)
+        return (dx if plan.need_x else None, dt if plan.need_t else None, *nones)
+
+
+class CrossEntropyStats(NamedTuple):
+    """Per-row statistics of a cross-entropy call, from the pass that computes its loss
+    (return_stats=True). Tensors of the batch shape, without gradient:
+
+    lse: the log-sum-exp of the (softcapped) logits, float32 (float64 for float64 input);
+    entropy: of their softmax, H = lse - sum_j p_j z_j, same dtype;
+    correct: bool, whether the argmax of the logits (first index on ties, as torch.argmax)
+        is the target class (for probability targets: the argmax of the target row).
+    Ignored rows read nothing: their lse and entropy are NaN and correct is False.
+    """
+
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    correct: torch.Tensor
+
+
+def _stats(stats, shape):
+    return CrossEntropyStats(stats[4].reshape(shape), stats[5].reshape(shape),
+                             (stats[6] != 0).reshape(shape))
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
-                  inplace_backward=False):
+                  inplace_backward=False, return_stats=False):
     """Softmax cross-entropy with torch.nn.functional.cross_entropy's signature and values, fused.
 
     Args (torch's, in torch's order):
@@ -226,10 +294,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             is bumped so that any other autograd use of it fails loudly. For inputs of rank
             > 2 the gradient goes into the internal channels-last copy instead. Nothing is
             written when no gradient can be taken (torch.no_grad, inference_mode).
+        return_stats: False (default). True returns (loss, CrossEntropyStats(lse, entropy,
+            correct)): per-row statistics of the batch shape from the same pass (no extra
+            read of the logits), without gradient.
 
     Returns: the loss, of the input's dtype (float32 for fp16/bf16 input under
     torch.autocast, as torch's), a scalar or the batch shape for 'none'. The gradient has
-    the input's dtype.
+    the input's dtype; a probability target that requires grad gets torch's gradient,
+    (1 - label_smoothing) w_j (lse - z_j) per row before the reduction, in its own dtype.
 
     Deviation from torch, by design: with probability targets, a class with target 0 and
     logit -inf (vocabulary padding) contributes 0 to the loss, where torch gives NaN.
@@ -240,18 +312,20 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     opts, _, prob, target, weight = _checks.check_cross_entropy(
         fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     _checks.check_bool(fn, "inplace_backward", inplace_backward)
+    _checks.check_bool(fn, "return_stats", return_stats)
     x, t = _flatten(input, target, prob)
-    mode = _grad_mode(input, opts, inplace_backward)
-    if mode is not None and inplace_backward:
+    plan = _grad_plan(input, target, prob, opts, inplace_backward)
+    if plan is not None and plan.inplace:
         _checks.check_inplace(fn, x, (("target", t), ("weight", given_weight)))
-    loss = _dispatch.apply(_CrossEntropyFunction, x, t, weight, opts, prob, mode, fn,
-                           _autocast.loss_dtype(input))[0]
-    return loss.reshape(_batch_shape(input)) if opts.reduction == "none" else loss
+    out = _dispatch.apply(_CrossEntropyFunction, x, t, weight, opts, prob, plan, return_stats, fn,
+                          _autocast.loss_dtype(input))
+    loss = out[0].reshape(_batch_shape(input)) if opts.reduction == "none" else out[0]
+    return (loss, _stats(out[1], _batch_shape(input))) if return_stats else loss
 
 
 def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignore_index=-100,
                             reduce=None, reduction="mean", label_smoothing=0.0, *, z_loss=0.0,
-                            softcap=None, out=None):
+                            softcap=None, out=None, return_stats=False):
     """(loss, dinput) in one fused pass, without autograd.
 
     Same arguments as cross_entropy. dinput is the derivative of the returned loss
@@ -260,6 +334,7 @@ def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignor
     out: None (default: a new tensor) or a tensor of the input's shape, dtype and device,
     any strides, to write dinput into; it may be the input itself (an in-place gradient)
     but must not otherwise overlap the input, the target or the weight, nor itself.
+    return_stats: False (default); True returns (loss, dinput, CrossEntropyStats).
     """
     fn = "cross_entropy_with_grad"
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
@@ -267,6 +342,7 @@ def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignor
     opts, _, prob, target, weight = _checks.check_cross_entropy(
         fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     in_place = _checks.check_out(fn, out, input, given)
+    _checks.check_bool(fn, "return_stats", return_stats)
     with torch.no_grad():
         x, t = _flatten(input, target, prob)
         if out is None or input.dim() > 2:
@@ -275,8 +351,8 @@ def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignor
             grad_into = "logits"
         else:
             grad_into = out.unsqueeze(0) if input.dim() == 1 else out
-        loss, _, _, grad = _forward(x, t, weight, opts, prob, grad_into,
-                                    _autocast.loss_dtype(input), fn)
+        loss, stats, _, grad, _ = _forward(x, t, weight, opts, prob, grad_into,
+                                           _autocast.loss_dtype(input), fn, return_stats)
         dinput = _unflatten_grad(grad, input)
         if out is not None:
             if input.dim() > 2:  # computed channels-last: copy into the caller's layout
@@ -284,6 +360,8 @@ def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignor
             dinput = out
     if opts.reduction == "none":
         loss = loss.reshape(_batch_shape(input))
+    if return_stats:
+        return loss, dinput, _stats(stats, _batch_shape(input))
     return loss, dinput
 
 

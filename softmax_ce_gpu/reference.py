@@ -89,8 +89,32 @@ def _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, target=None, coef_c=No
     return g if dz is None else g * dz
 
 
+def _row_extras(logits, z, target, valid, m, logd, lse):
+    """(lse, entropy, correct) per row, as the kernels' STATS rows: NaN / False when ignored.
+
+    The argmax is of the logits (of the target row for probabilities), first index on ties.
+    """
+    # H = lse - sum_j p_j z_j = log d - T / d, T = sum_j e^(z_j - m) (z_j - m) <= 0: a sum of
+    # two terms >= 0, as the kernels compute it (0 * -inf = 0 for padding)
+    u = z - m[:, None]
+    e = torch.exp(u)
+    T = torch.where(e == 0, torch.zeros_like(e), e * u).sum(dim=1)
+    entropy = logd - T / torch.exp(logd)
+    best = logits.argmax(dim=1)
+    want = target.argmax(dim=1) if target.is_floating_point() else target.long()
+    nan = torch.full_like(lse, float("nan"))
+    correct = (valid & (best == want)).to(lse.dtype)
+    return torch.where(valid, lse, nan), torch.where(valid, entropy, nan), correct
+
+
+def _target_grad(z, weight, scale, m, logd, label_smoothing, acc):
+    """scale (1 - e) w_j (lse - z_j): the gradient with respect to a probability target."""
+    dt = ((1.0 - label_smoothing) * scale)[:, None] * ((m[:, None] - z) + logd[:, None])
+    return dt if weight is None else dt * weight.to(acc)
+
+
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
-                      grad=None, grad_scale=None, stats=None):
+                      grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_fwd."""
     acc = acc_dtype(logits)
     V = logits.shape[1]
@@ -103,23 +127,33 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     loss = terms.sum(dim=1) + z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     S = y.sum(dim=1)
-    if grad is not None:
+    if grad is not None or dtarget is not None:
         scale = grad_scale.to(acc).expand(logits.shape[0])
+    if grad is not None:
         grad.copy_(_row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, _ids(target), coef_c))
-    out = torch.stack([loss, m, logd, S])  # in acc: fp32 (fp64 for fp64 logits), as the kernels
+    if dtarget is not None:
+        dtarget.copy_(_target_grad(z, weight, scale, m, logd, label_smoothing, acc))
+    rows = [loss, m, logd, S]
+    if with_stats:
+        rows += _row_extras(logits, z, target, valid, m, logd, lse)
+    out = torch.stack(rows)  # in acc: fp32 (fp64 for fp64 logits), as the kernels
     return out if stats is None else stats.copy_(out)
 
 
 def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
-                      ignore_index, label_smoothing, z_loss, softcap):
+                      ignore_index, label_smoothing, z_loss, softcap, dtarget=None):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_bwd."""
     acc = acc_dtype(logits)
     V = logits.shape[1]
     z, dz = _capped(logits, softcap, acc)
     y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
     scale = (dloss.to(acc) * grad_scale.to(acc)).expand(logits.shape[0])
-    grad.copy_(_row_grad(z, dz, y, valid, stats[1].to(acc), stats[2].to(acc), stats[3].to(acc),
-                         z_loss, scale, _ids(target), coef_c))
+    m, logd = stats[1].to(acc), stats[2].to(acc)
+    if grad is not None:
+        grad.copy_(_row_grad(z, dz, y, valid, m, logd, stats[3].to(acc), z_loss, scale,
+                             _ids(target), coef_c))
+    if dtarget is not None:
+        dtarget.copy_(_target_grad(z, weight, scale, m, logd, label_smoothing, acc))
     return grad
 
 

@@ -250,3 +250,24 @@ def test_bytes_table_matches_the_budget():
     assert rows["fused: forward (loss + gradient)"]["distinct"] <= 2 * b + scalars
     assert rows["fused: forward (loss + gradient)"]["nxv_allocations"] == 1
     assert rows["fused, inplace_backward: forward"]["nxv_allocations"] == 0
+
+
+@pytest.mark.parametrize("dtype,V", CASES)
+def test_statistics_add_no_read_of_the_logits(dtype, V):
+    """return_stats=True: the same reads of the logits as without (once forward only, twice
+    in a row for the fused gradient); only 12 more bytes per row written (lse, entropy,
+    correct)."""
+    x, t, _ = _inputs(dtype, V)
+    with byte_count.ByteCounter() as plain:
+        softmax_ce_gpu.cross_entropy(x, t)
+    with byte_count.ByteCounter() as stats:
+        softmax_ce_gpu.cross_entropy(x, t, return_stats=True)
+    a, b = _only(plain, "_cross_entropy_fwd_kernel"), _only(stats, "_cross_entropy_fwd_kernel")
+    assert torch.equal(a.counts(x, "r"), b.counts(x, "r"))
+    _assert_reads(b.counts(x, "r"), t, 1)
+    written = [sum(r.bytes_written for r in k.regions.values()) for k in (a, b)]
+    assert written[1] - written[0] == 3 * 4 * N
+    xg = x.clone().requires_grad_(True)
+    with byte_count.ByteCounter() as fused:
+        softmax_ce_gpu.cross_entropy(xg, t, return_stats=True)
+    _assert_reads(_only(fused, "_cross_entropy_fwd_kernel").counts(xg.detach(), "r"), t, 2)

@@ -145,17 +145,20 @@ def test_opcheck_cross_entropy_ops(case):
     x, t, w, scale = _ce_args(dtype=case.pop("dtype", torch.float32), prob=case.pop("prob", False))
     w = w if case.pop("weight", False) else None
     opts = (-100, case.get("label_smoothing", 0.0), case.get("z_loss", 0.0), case.get("softcap"))
-    for with_grad in (False, True):
-        torch.library.opcheck(_ops.cross_entropy_fwd, (x, t, w, scale, *opts, with_grad))
-    torch.library.opcheck(_ops.cross_entropy_fwd_out, (x, t, w, scale, *opts, torch.empty_like(x)))
-    torch.library.opcheck(_ops.cross_entropy_fwd_inplace, (x.clone(), t, w, scale, *opts))
-    stats, _ = _ops.cross_entropy_fwd(x, t, w, scale, *opts, False)
+    prob = t.is_floating_point()
+    for with_grad, with_stats in ((False, False), (True, False), (True, True)):
+        torch.library.opcheck(_ops.cross_entropy_fwd, (x, t, w, scale, *opts, with_grad,
+                                                       with_stats, prob))
+    torch.library.opcheck(_ops.cross_entropy_fwd_out, (x, t, w, scale, *opts, torch.empty_like(x),
+                                                       True))
+    torch.library.opcheck(_ops.cross_entropy_fwd_inplace, (x.clone(), t, w, scale, *opts, False,
+                                                           prob))
+    stats, _, _ = _ops.cross_entropy_fwd(x, t, w, scale, *opts, False, False, False)
     dloss = torch.rand(x.shape[0], device=DEVICE, dtype=x.dtype)
     bwd_args = (t, w, stats, dloss, scale, *opts)
-    torch.library.opcheck(_ops.cross_entropy_bwd, (x, *bwd_args))
-    torch.library.opcheck(_ops.cross_entropy_bwd_inplace, (x.clone(), *bwd_args))
+    torch.library.opcheck(_ops.cross_entropy_bwd, (x, *bwd_args, True, prob))
+    torch.library.opcheck(_ops.cross_entropy_bwd_inplace, (x.clone(), *bwd_args, prob))
     torch.library.opcheck(_ops.scale_grad_, (x.clone(), torch.tensor(0.5, device=DEVICE)))
-    prob = t.is_floating_point()
     for mean in (False, True):
         torch.library.opcheck(_ops.loss_scale, (x, t, w, x.shape[1], -100, mean, prob,
                                                 "cross_entropy"))
