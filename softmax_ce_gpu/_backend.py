@@ -20,8 +20,19 @@ else:
     _KERNELS_IMPORT_ERROR = None
 
 
+_CHOSEN = {}  # (dtype, device type) -> backend: the choice depends on nothing else
+
+
 def backend_for(fn, logits):
     """The module (kernels or reference) whose launchers run this call."""
+    key = (logits.dtype, logits.device.type)
+    backend = _CHOSEN.get(key)
+    if backend is None:
+        backend = _CHOSEN[key] = _choose(fn, logits)
+    return backend
+
+
+def _choose(fn, logits):
     if logits.dtype == torch.float64:
         return reference
     if logits.device.type == "cuda":

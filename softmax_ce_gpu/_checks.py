@@ -9,8 +9,7 @@ range check on CUDA is a device-side assert (torch._assert_async).
 import functools
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch.nn import _reduction as _torch_reduction
@@ -20,9 +19,8 @@ _REDUCTIONS = ("mean", "sum", "none")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
-@dataclass(frozen=True)
-class LossOptions:
-    """The validated scalar options of a cross-entropy call."""
+class LossOptions(NamedTuple):
+    """The validated scalar options of a cross-entropy call (a tuple: cheap to make)."""
 
     ignore_index: int
     reduction: str

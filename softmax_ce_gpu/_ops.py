@@ -39,6 +39,24 @@ def _custom_op(name, impl, mutates_args):
     return op
 
 
+def _run_eager(op, *args):
+    impl, mutated = _EAGER[op]
+    out = impl(*args)
+    for i in mutated:
+        torch.autograd.graph.increment_version(args[i])
+    return out
+
+
+def _run_op(op, *args):
+    return op(*args)
+
+
+def runner(t):
+    """call's decision made once for tensor t: a function run(op, *args) for a sequence of
+    ops on t and the tensors made from it (one forward, one backward)."""
+    return _run_eager if _dispatch.eager(t) else _run_op
+
+
 def call(op, *args):
     """op(*args), or in plain eager mode its implementation directly (see _dispatch): the
     custom op's dispatch costs tens of microseconds of host time per call. A mutation the
@@ -250,7 +268,7 @@ def _loss_scale(like: Tensor, target: Tensor, weight: Optional[Tensor], V: int,
                                             mean=mean, prob=prob, V=V, acc=acc_dtype(like))
     if not prob:
         if scale.device.type == "cpu":
-            if not scale[2]:  # free on CPU: the value is already on the host
+            if not scale.numpy()[2]:  # free on CPU: the value is already on the host
                 _checks.raise_class_range(fn, target, V, ignore_index)
         else:
             torch._assert_async(scale[2], _checks.class_range_message(fn, V, ignore_index))

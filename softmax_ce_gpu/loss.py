@@ -24,7 +24,6 @@ gradient through a node whose own backward raises (first-order uses such as
 torch.func.grad still work).
 """
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -81,26 +80,27 @@ def _forward(x, t, weight, opts, prob, grad_into, loss_dtype, fn, with_stats=Fal
     checks the class ids), the loss kernel, and the reduced loss's sum (not for 'none').
     """
     mean = opts.reduction == "mean"
-    scale = _ops.call(_ops.loss_scale, x, t, weight, x.shape[1], opts.ignore_index, mean, prob,
+    run = _ops.runner(x)  # one eager-or-op decision for the whole forward
+    scale = run(_ops.loss_scale, x, t, weight, x.shape[1], opts.ignore_index, mean, prob,
                       fn)
     grad_scale = scale[1]
     args = (weight, grad_scale, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap)
     grad = dtarget = None
     if grad_into is None or grad_into == "new":
-        stats, grad, dtarget = _ops.call(_ops.cross_entropy_fwd, x, t, *args, grad_into == "new",
+        stats, grad, dtarget = run(_ops.cross_entropy_fwd, x, t, *args, grad_into == "new",
                                          with_stats, target_grad)
         grad = grad if grad_into == "new" else None
     elif isinstance(grad_into, str):
-        stats, dtarget = _ops.call(_ops.cross_entropy_fwd_inplace, x, t, *args, with_stats,
+        stats, dtarget = run(_ops.cross_entropy_fwd_inplace, x, t, *args, with_stats,
                                    target_grad)
         grad = x
     else:
-        stats = _ops.call(_ops.cross_entropy_fwd_out, x, t, *args, grad_into, with_stats)
+        stats = run(_ops.cross_entropy_fwd_out, x, t, *args, grad_into, with_stats)
         grad = grad_into
     if opts.reduction == "none":  # a copy, never a view of the stats saved for backward
         loss = stats[0].to(loss_dtype, copy=True)
     else:
-        loss = _ops.call(_ops.loss_reduce, stats[0], scale, mean, loss_dtype)
+        loss = run(_ops.loss_reduce, stats[0], scale, mean, loss_dtype)
     return loss, stats, grad_scale, grad, dtarget if target_grad else None
 
 
@@ -117,8 +117,7 @@ def _late_scale(x):
     return x.dtype in (torch.float16, torch.float64)
 
 
-@dataclass(frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
     """How a call makes its gradients (see the module docstring)."""
 
     path: str        # "fused" or "late"
@@ -218,6 +217,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if dloss is None:  # no gradient reached the loss (grads are not materialised)
             return (None, None, *nones)
         second_order = torch.is_grad_enabled()  # create_graph=True
+        run = _ops.runner(dloss)
         if plan.path == "fused":
             loss, dx, dt = take_fused_grad(ctx, ctx.fn)
             if second_order:  # the logits are gone: a gradient that cannot be differentiated
@@ -225,7 +225,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             else:
                 for g in (dx, dt):
                     if g is not None:
-                        _ops.call(_ops.scale_grad_, g, dloss)
+                        run(_ops.scale_grad_, g, dloss)
             return (dx, dt, *nones)
         loss, x, t, weight, stats, grad_scale = ctx.saved_tensors
         o = ctx.opts
@@ -235,10 +235,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
         args = (x, t, weight, stats, dloss, grad_scale, o.ignore_index, o.label_smoothing,
                 o.z_loss, o.softcap)
         if plan.inplace:
-            dt = _ops.call(_ops.cross_entropy_bwd_inplace, *args, plan.need_t)
+            dt = run(_ops.cross_entropy_bwd_inplace, *args, plan.need_t)
             dx = x
         else:
-            dx, dt = _ops.call(_ops.cross_entropy_bwd, *args, plan.need_x, plan.need_t)
+            dx, dt = run(_ops.cross_entropy_bwd, *args, plan.need_x, plan.need_t)
         return (dx if plan.need_x else None, dt if plan.need_t else None, *nones)
 
 
