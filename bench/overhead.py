@@ -186,6 +186,16 @@ def _cases():
     return cases
 
 
+@contextlib.contextmanager
+def _restored_threads(threads):
+    try:
+        yield
+    finally:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _time_us(call, repeat):
     """Median over 7 runs of the mean CPU time of one call, in microseconds.
 
@@ -211,10 +221,11 @@ def measure(repeat=200):
 
     if not kernels.INTERPRETER and not torch.cuda.is_available():
         raise RuntimeError("overhead: run with TRITON_INTERPRET=1 (the CLI does it for you)")
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only add noise
     counter = [0]
     records = []
-    with stubbed_kernels(counter):
+    with stubbed_kernels(counter), _restored_threads(threads):
         for entry, mode, reduction, options, ours, theirs in _cases():
             counter[0] = 0
             with _launch_counter() as mode_count:

@@ -267,3 +267,21 @@ def test_other_ops_are_checked_and_timed(tmp_path):
     got = {(r["op"], r["provider"], r["mode"]) for r in records if r["status"] == "ok"}
     assert got == {(op, p, m) for op in ("softmax", "log_softmax", "linear_cross_entropy")
                    for p in ("softmax_ce_gpu", "torch") for m in ("fwd", "fwd+bwd")}
+
+
+def test_overhead_subcommand_writes_its_records(tmp_path):
+    """softmax-ce-bench overhead (a smoke test: its figures are host-time ratios, never a
+    speed claim, and nothing about them is asserted)."""
+    out = tmp_path / "overhead.json"
+    assert cli.main(["overhead", "--repeat", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["format"].startswith("softmax-ce-bench overhead")
+    entries = {(r["entry"], r["mode"], r["reduction"], r["options"]) for r in doc["records"]}
+    assert ("cross_entropy", "fwd+bwd", "mean", "plain") in entries
+    assert {"linear_cross_entropy", "softmax", "log_softmax"} <= {e[0] for e in entries}
+    for r in doc["records"]:
+        assert {"ours_us", "torch_us", "ratio", "launches"} <= set(r)
+        assert r["ours_us"] > 0 and r["torch_us"] > 0 and r["launches"] >= 1
+    # the kernels are back after the stubbed run
+    from softmax_ce_gpu.kernels import cross_entropy as k
+    assert type(k._cross_entropy_fwd_kernel).__name__ != "_Stub"
