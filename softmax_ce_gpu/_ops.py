@@ -61,13 +61,7 @@ def call(op, *args):
     """op(*args), or in plain eager mode its implementation directly (see _dispatch): the
     custom op's dispatch costs tens of microseconds of host time per call. A mutation the
     op declares bumps the version counter, as the op would."""
-    if not _dispatch.eager(args[0]):
-        return op(*args)
-    impl, mutated = _EAGER[op]
-    out = impl(*args)
-    for i in mutated:
-        torch.autograd.graph.increment_version(args[i])
-    return out
+    return runner(args[0])(op, *args)
 
 
 def _stats_like(logits, with_stats=False):
