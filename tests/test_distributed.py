@@ -8,6 +8,8 @@ collected and raised at the end, so one rank's mismatch never leaves the others
 waiting in a collective. The spawned processes inherit TRITON_INTERPRET=1 through
 os.environ (conftest sets it; _spawn makes sure, also on a GPU runner), so fp32/bf16
 cases run the real kernels in the interpreter; float64 cases run the pure-PyTorch path.
+The two-rank world also compiles the loss (check_compiled: torch.compile fullgraph, aot_eager
+and inductor, on CPU over gloo).
 """
 
 import traceback
@@ -382,6 +384,43 @@ def check_empty_shard(rank, widths):
     return msgs
 
 
+def check_compiled(rank, widths):
+    """torch.compile(fullgraph=True) of a small loss, with aot_eager and with inductor: the
+    functional collectives and the shard ops trace without a graph break, and values and
+    gradients equal eager's. 'mean' (gradient made in forward) on the default group, 'none'
+    (made in backward) on a group of its own, 'sum' in bf16 and float64 (the torch path)."""
+    msgs = []
+    V = sum(widths)
+    lo, hi = _slice(widths, rank)
+    group = dist.new_group(list(range(len(widths))))  # every rank makes it, in the same order
+    cases = (("mean", torch.float32, None), ("none", torch.float32, group),
+             ("sum", torch.bfloat16, None), ("sum", torch.float64, group))
+    for backend in ("aot_eager", "inductor"):
+        for i, (reduction, dtype, grp) in enumerate(cases):
+            x, t, up = make_full(40 + i, 4, V, dtype, "plain", True, -100, widths)
+            up = up.to(dtype) if reduction == "none" else up[0].to(dtype)
+
+            def f(xs, t, reduction=reduction, grp=grp):
+                return vocab_parallel_cross_entropy(xs * 1.0, t, group=grp, reduction=reduction,
+                                                    label_smoothing=0.1, z_loss=1e-3,
+                                                    softcap=5.0)
+
+            torch._dynamo.reset()
+            xs = x[:, lo:hi].clone().requires_grad_()
+            ref = f(xs, t)
+            ref.backward(up)
+            ref_grad, xs.grad = xs.grad, None
+            out = torch.compile(f, backend=backend, fullgraph=True)(xs, t)
+            out.backward(up)
+            name = f"{backend} {reduction} {dtype}"
+            if out.dtype != ref.dtype or out.shape != ref.shape:
+                msgs.append(f"{name}: loss dtype/shape {out.dtype} {tuple(out.shape)}")
+            elif rel_err(out, ref) > TOL[dtype] or rel_err(xs.grad, ref_grad) > TOL[dtype]:
+                msgs.append(f"{name}: loss or gradient differs from eager's")
+    dist.destroy_process_group(group)
+    return msgs
+
+
 # ----------------------------------------------------------------------------- plans
 # Kernel cases (fp32/bf16 through the interpreter) cost about 0.4 s each on 2 cores;
 # float64 cases (the torch path) a tenth of that. Every option meets every reduction
@@ -411,7 +450,7 @@ def _plan_two():
                     seed0=2600)
     return cases + [dict(check=check_retain_graph), dict(check=check_small_shapes),
                     dict(check=check_bad_input), dict(check=check_fp16_scaled_and_no_grad),
-                    dict(check=check_double_backward_raises)]
+                    dict(check=check_double_backward_raises), dict(check=check_compiled)]
 
 
 def _plan_three():
