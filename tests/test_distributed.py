@@ -488,3 +488,67 @@ def test_refuses_without_process_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (CUDA-graph capture over a single-rank NCCL group)")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_graph_single_rank_nccl(tmp_path, reduction):
+    """A training step of vocab_parallel_cross_entropy on a one-rank NCCL group (one GPU holds
+    the whole vocabulary), captured in a CUDA graph with its collectives, and replayed on
+    new inputs: loss and gradient as eager's."""
+    if not dist.is_nccl_available():
+        pytest.skip("this torch build has no NCCL")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1, device_id=device)
+    try:
+        N, V = 64, 1000
+
+        def new_inputs():
+            x = torch.randn(N, V, device=device, dtype=torch.bfloat16)
+            t = torch.randint(0, V, (N,), device=device)
+            t[::5] = -100
+            return x, t
+
+        x0, t0 = new_inputs()
+        static_x = x0.clone().requires_grad_()
+        static_t = t0.clone()
+
+        def loss_of(x, t):
+            return vocab_parallel_cross_entropy(x, t, reduction=reduction, label_smoothing=0.1,
+                                                z_loss=1e-4).sum()
+
+        def step():
+            static_x.grad = None
+            loss = loss_of(static_x, static_t)
+            loss.backward()
+            return loss
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up: kernels compiled, NCCL communicator made
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = step()
+        static_grad = static_x.grad
+        for _ in range(2):
+            x, t = new_inputs()
+            with torch.no_grad():
+                static_x.copy_(x)
+            static_t.copy_(t)
+            graph.replay()
+            out, grad = loss.clone(), static_grad.clone()
+            leaf = x.clone().requires_grad_()
+            ref = loss_of(leaf, t)
+            ref.backward()
+            assert rel_err(out, ref) <= TOL[torch.bfloat16]
+            assert rel_err(grad, leaf.grad) <= TOL[torch.bfloat16]
+    finally:
+        dist.destroy_process_group()
+
