@@ -490,6 +490,27 @@ def test_refuses_without_process_group():
         vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck_shard_ops(dtype):
+    """The shard computations' custom ops (schema, fake implementation, aot dispatch) on one
+    shard, columns [7, 7 + 23) of V = 50: no process group needed, the shard is a tensor."""
+    from softmax_ce_gpu import _vocab_parallel_ops as vp
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(4, 23, device=device, dtype=dtype)
+    t = torch.tensor([8, 0, -100, 29], device=device)
+    shard = torch.tensor([7, 50], device=device)
+    opts = (-100, 0.1, 5.0)
+    torch.library.opcheck(vp.vocab_parallel_partial, (x, t, shard, *opts, "opcheck"))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    row_max = torch.full((4,), 3.0, device=device, dtype=acc)
+    row_logd = torch.full((4,), 4.0, device=device, dtype=acc)
+    scale = torch.tensor(0.5, device=device, dtype=acc)
+    for dloss in (torch.tensor(2.0, device=device, dtype=dtype), torch.rand(4, device=device)):
+        torch.library.opcheck(vp.vocab_parallel_grad, (x, t, shard, row_max, row_logd, dloss,
+                                                       scale, -100, 0.1, 1e-3, 5.0, "opcheck"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device (CUDA-graph capture over a single-rank NCCL group)")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
