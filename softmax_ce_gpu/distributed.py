@@ -35,92 +35,28 @@ Per call and row, in this order:
 
 Communication: 8 * world bytes, then 16 bytes a row (20 with label smoothing) per
 rank: O(N), never O(N x V).
+
+torch.compile(fullgraph=True) traces the whole loss: the collectives are
+torch.distributed's functional collectives (out of place, waited for at once; in eager
+mode the same c10d collectives), and the shard computations are custom ops
+(_vocab_parallel_ops.py), run directly in plain eager mode.
 """
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
-from . import _checks, reference
-from ._backend import backend_for
-from ._reduction import (acc_dtype, launch_options, no_second_order, reduce, reduction_scale,
-                         take_fused_grad)
+from . import _checks, _ops
+from . import _vocab_parallel_ops as _vp
+from ._reduction import acc_dtype, no_second_order, reduce, reduction_scale, take_fused_grad
 
 _SECOND_ORDER_HINT = "a differentiable gradient would need the collectives again"
 
-try:
-    from .kernels import vocab_parallel as _vp_kernels
-except ImportError:  # triton missing: backend_for never picks the kernels then
-    _vp_kernels = None
 
-
-# ----------------------------------------------------------------------------- torch path
-
-
-def _shard_target(target, shard, W, ignore_index):
-    """(valid, in_shard, c_loc) as kernels/vocab_parallel.py: c_loc in [0, W), 0 elsewhere."""
-    valid = target != ignore_index
-    c_loc = target.long() - shard[0]
-    in_shard = valid & (c_loc >= 0) & (c_loc < W)
-    return valid, in_shard, torch.where(in_shard, c_loc, torch.zeros_like(c_loc))
-
-
-def _torch_fwd(logits, target, shard, *, ignore_index, label_smoothing, softcap):
-    """Same contract as softmax_ce_gpu.kernels.vocab_parallel.vocab_parallel_fwd, in torch ops
-    (float64 for float64 logits)."""
-    acc = acc_dtype(logits)
-    W = logits.shape[1]
-    if W == 0:  # an empty shard: max -inf, d = 0 (s = -1), no target logit, B = 0
-        m = torch.full((logits.shape[0],), float("-inf"), dtype=acc, device=logits.device)
-        return torch.stack([m, m, torch.full_like(m, -1.0), torch.zeros_like(m)])
-    z, _ = reference._capped(logits, softcap, acc)
-    valid, in_shard, c_loc = _shard_target(target, shard, W, ignore_index)
-    inf = torch.tensor(float("inf"), dtype=acc, device=logits.device)
-    z = torch.where(valid[:, None], z, -inf)  # an ignored row reads nothing
-    m = z.amax(dim=1)
-    m_ref = torch.where(m == -inf, torch.zeros_like(m), m)
-    e = torch.exp(z - m_ref[:, None])
-    s = e.scatter(1, z.argmax(dim=1, keepdim=True), 0.0).sum(dim=1) - (m == -inf).to(acc)
-    z_c = torch.where(in_shard, z.gather(1, c_loc[:, None])[:, 0], -inf)
-    if label_smoothing > 0.0:
-        B = torch.where(z == -inf, inf, m[:, None] - z).sum(dim=1)
-        B = torch.where(valid, B, torch.zeros_like(B))
-    else:
-        B = torch.zeros_like(m)
-    return torch.stack([m, z_c, s, B])
-
-
-def _torch_bwd(logits, target, shard, row_max, row_logd, dloss, grad_scale, grad, *,
-               ignore_index, label_smoothing, z_loss, softcap):
-    """Same contract as softmax_ce_gpu.kernels.vocab_parallel.vocab_parallel_bwd, in torch ops."""
-    acc = acc_dtype(logits)
-    N, W = logits.shape
-    z, dz = reference._capped(logits, softcap, acc)
-    valid, in_shard, c_loc = _shard_target(target, shard, W, ignore_index)
-    m, logd = row_max.to(acc), row_logd.to(acc)
-    u = (z - m[:, None]) - logd[:, None]
-    p = torch.exp(u)
-    zero = torch.zeros_like(m)
-    coef_p = torch.where(valid, 1.0 + 2.0 * z_loss * (m + logd), zero)  # S = 1
-    coef_c = torch.where(valid, torch.full_like(m, 1.0 - label_smoothing), zero)
-    a = label_smoothing / shard[1].to(acc)  # the dense target e / V, global V
-    g = p * coef_p[:, None] - a
-    # the target column: (1 - e) (p_c - 1) + p_c (S' - (1 - e)) - e / V, p_c - 1 = expm1(u_c)
-    u_c = u.gather(1, c_loc[:, None])
-    g_c = coef_c[:, None] * torch.expm1(u_c) + torch.exp(u_c) * (coef_p - coef_c)[:, None] - a
-    cols = torch.arange(W, device=logits.device)
-    g = torch.where((cols[None, :] == c_loc[:, None]) & in_shard[:, None], g_c, g)
-    scale = (dloss.to(acc) * grad_scale.to(acc)).expand(N)
-    g = torch.where(valid[:, None], g * scale[:, None], torch.zeros_like(g))
-    grad.copy_(g if dz is None else g * dz)
-    return grad
-
-
-class _TorchPath:
-    vocab_parallel_fwd = staticmethod(_torch_fwd)
-    vocab_parallel_bwd = staticmethod(_torch_bwd)
-
-
-# ----------------------------------------------------------------------------- host side
+def _all_reduce(t, op, group):
+    """all_reduce(t) over group as a new tensor, waited for: torch.distributed's functional
+    collective, which torch.compile traces (in eager it runs the same c10d collective)."""
+    return funcol.wait_tensor(funcol.all_reduce(t, op, group))
 
 
 def _shard_of(W, group, device):
@@ -128,19 +64,8 @@ def _shard_of(W, group, device):
     rank = dist.get_rank(group)
     widths = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
     widths[rank] = W
-    dist.all_reduce(widths, op=dist.ReduceOp.SUM, group=group)
+    widths = _all_reduce(widths, "sum", group)
     return torch.stack([widths[:rank].sum(), widths.sum()])
-
-
-def _check_class_range(fn, target, shard, ignore_index):
-    V = shard[1]
-    if target.device.type == "cuda":
-        bad = ((target < 0) | (target >= V)) & (target != ignore_index)
-        torch._assert_async(
-            ~bad.any(), f"{fn}: a class id in 'target' is outside [0, V) (V the sum of the "
-            f"shard widths) and is not ignore_index={ignore_index}")
-        return
-    _checks.check_class_range(fn, target, int(V), ignore_index)
 
 
 def _combine(part, W, shard, valid, opts, group):
@@ -149,8 +74,7 @@ def _combine(part, W, shard, valid, opts, group):
     Two collectives; every rank ends with bitwise the same values.
     """
     m_r, s_r, B_r = part[0], part[2], part[3]
-    mz = part[:2].clone()
-    dist.all_reduce(mz, op=dist.ReduceOp.MAX, group=group)
+    mz = _all_reduce(part[:2], "max", group)
     M, z_c = mz[0], mz[1]
     finite = M != float("-inf")
     top = (m_r == M) & finite
@@ -167,7 +91,7 @@ def _combine(part, W, shard, valid, opts, group):
         # (an empty shard adds nothing: its m_r = -inf must not make 0 * inf)
         shift = torch.where((m_r < M) & (W > 0), W * (M - m_r), torch.zeros_like(M))
         sums[2] = B_r + shift
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    sums = _all_reduce(sums, "sum", group)
     s = sums[0] + (sums[1] - 1.0)
     logd = torch.log1p(s)
     lse = M + logd
@@ -190,27 +114,26 @@ class _VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, opts, group, fn, mode):
-        backend = backend_for(fn, x)
-        impl = _vp_kernels if backend is not reference else _TorchPath
         N, W = x.shape
         acc = acc_dtype(x)
         shard = _shard_of(W, group, x.device)
-        _check_class_range(fn, t, shard, opts.ignore_index)
         valid = t != opts.ignore_index
         one = torch.ones((), dtype=acc, device=x.device)
         denom, grad_scale = reduction_scale(t, None, opts, False, N, acc, x.device)
         fuse = mode == "fused"
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fuse else None
         if N == 0:  # the same on every rank (target is): no rank enters the collectives
             loss_rows, row_max, row_logd = (x.new_empty(0, dtype=acc) for _ in range(3))
+            grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fuse else None
         else:
-            part = impl.vocab_parallel_fwd(x, t, shard, ignore_index=opts.ignore_index,
-                                           label_smoothing=opts.label_smoothing,
-                                           softcap=opts.softcap)
+            run = _ops.runner(x)  # one eager-or-op decision for the forward
+            # checks the class ids against the global V first (the same on every rank)
+            part = run(_vp.vocab_parallel_partial, x, t, shard, opts.ignore_index,
+                       opts.label_smoothing, opts.softcap, fn)
             row_max, row_logd, loss_rows = _combine(part, W, shard, valid, opts, group)
-            if fuse and W:
-                impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, one, grad_scale, grad,
-                                        **launch_options(opts))
+            if fuse:
+                grad = run(_vp.vocab_parallel_grad, x, t, shard, row_max, row_logd, one,
+                           grad_scale, opts.ignore_index, opts.label_smoothing, opts.z_loss,
+                           opts.softcap, fn)
         loss = reduce(loss_rows, denom, opts.reduction).to(x.dtype)
         if fuse:
             return loss, grad
@@ -222,8 +145,6 @@ class _VocabParallelFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, t, opts, group, fn, mode = inputs
         ctx.opts, ctx.fn, ctx.mode, ctx.consumed = opts, fn, mode, False
-        ctx.backend = backend_for(fn, x)
-        ctx.impl = _vp_kernels if ctx.backend is not reference else _TorchPath
         ctx.mark_non_differentiable(*output[1:])
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
         ctx.set_materialize_grads(False)
@@ -242,15 +163,14 @@ class _VocabParallelFunction(torch.autograd.Function):
             if second_order:
                 return (*no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, grad),
                         None, None, None, None, None)
-            if grad.numel():
-                ctx.backend.scale_grad(grad, dloss)
+            _ops.call(_ops.scale_grad_, grad, dloss)
             return grad, None, None, None, None, None
         x, t, shard, row_max, row_logd, grad_scale, loss = ctx.saved_tensors
+        o = ctx.opts
         with torch.no_grad():
-            grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            if x.shape[0] and x.shape[1]:
-                ctx.impl.vocab_parallel_bwd(x, t, shard, row_max, row_logd, dloss, grad_scale,
-                                            grad, **launch_options(ctx.opts))
+            grad = _ops.call(_vp.vocab_parallel_grad, x, t, shard, row_max, row_logd, dloss,
+                             grad_scale, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap,
+                             ctx.fn)
         if second_order:
             (grad,) = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, None, grad)
         return grad, None, None, None, None, None
@@ -317,6 +237,8 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
     if torch.is_grad_enabled() and x.requires_grad:
         fused = opts.reduction != "none" and x.dtype != torch.float16
         mode = "fused" if fused else "late"
+    if group is None:  # the functional collectives take the group itself
+        group = dist.group.WORLD
     loss = _VocabParallelFunction.apply(x, t, opts, group, fn, mode)[0]
     if opts.reduction == "none" and logits_shard.dim() == 1:
         return loss.reshape(())

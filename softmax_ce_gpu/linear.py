@@ -53,6 +53,12 @@ them would mean compacting the rows, which needs their count on the host (a
 sync). The cross-entropy kernel itself reads no logits of an ignored row and
 writes zeros to its dlogits, so those rows add nothing to any gradient.
 
+The chunk loops (forward, and the late path's backward) are custom ops
+(softmax_ce_gpu/_linear_ops.py): under torch.compile and torch.export the autograd
+Function below is traced around opaque calls of known output shapes, so no compiled
+graph holds a chunk of logits, let alone N x V; in plain eager mode they run directly
+(_ops.runner). The default chunk is chosen inside the op, at run time.
+
 K-dimensional heads (linear_weight (V, d1, ..., dK, H), torch's "out_features")
 are D = d1 * ... * dK independent (V, H) heads over the same input: they run
 one after another, sharing the device-side mean denominator.
@@ -66,61 +72,15 @@ and allow_retain_graph apply; input may also be (..., H), flattened to rows.
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from . import _autocast, _checks, _dispatch, _ops
-from ._backend import backend_for
-from ._reduction import acc_dtype, launch_options, no_second_order, take_fused_grad
+from . import _autocast, _checks, _dispatch, _linear_ops, _ops
+from ._reduction import no_second_order, take_fused_grad
 
 _FN = "linear_cross_entropy"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# default chunk rule (see the module docstring); a starting point for the GPU sweep
-_CPU_BUDGET = 64 << 20
-_MAX_CUDA_BUDGET = 512 << 20
-_ROW_STEP = 256
-_MAX_ROWS = 2048
-# row width when scaling a finished gradient in backward (one 16-32 KiB row per program)
-_SCALE_ROW = 8192
-
-# whether addmm(..., out_dtype=fp32) (cuBLAS upcast inside the GEMM) works on this torch
-_OUT_DTYPE_ADDMM = {"ok": True}
-
-
-def _default_chunk_size(N, V, H, D, element_size, device, free_bytes=None):
-    """Rows per chunk when chunk_size is None (rule in the module docstring).
-
-    free_bytes overrides the device query (tests); None asks torch.cuda on CUDA.
-    """
-    if device.type == "cuda" or free_bytes is not None:
-        if free_bytes is None:
-            free, _ = torch.cuda.mem_get_info(device)
-            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        else:
-            free = free_bytes
-        grads = V * D * H * (4 + element_size) + N * H * element_size
-        budget = min(_MAX_CUDA_BUDGET, max(0, free - grads) // 4)
-    else:
-        budget = _CPU_BUDGET
-    rows = budget // (V * element_size) // _ROW_STEP * _ROW_STEP
-    rows = min(_MAX_ROWS, max(_ROW_STEP, rows))
-    return max(1, min(rows, N))
-
-
-def _addmm_acc(acc, a, b):
-    """acc += a @ b, with acc in fp32/fp64 and a, b in the compute dtype (maybe lower)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if acc.is_cuda and _OUT_DTYPE_ADDMM["ok"]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE_ADDMM["ok"] = False  # older torch: fall back for the rest of the process
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 @dataclass(frozen=True)
@@ -130,122 +90,55 @@ class _Spec:
     opts: _checks.LossOptions
     prob: bool
     heads: int                    # D = prod(out_features), 1 for a (V, H) weight
-    chunk: int                    # rows per chunk
+    chunk: Optional[int]          # rows per chunk; None: the default rule, at run time
     need: Tuple[bool, bool, bool]  # gradients of input, linear_weight, linear_bias
     retain: bool                  # allow a second backward through the fused path
     loss_dtype: torch.dtype       # the input's, fp32 for fp16/bf16 under autocast, or as asked
 
 
-def _heads(x, lw, lb, t, spec):
-    """Per head k: (W_k (V, H), b_k (V,) or None, target_k (N,) or (N, V)), all views."""
-    N, H = x.shape
-    V, D = lw.shape[0], spec.heads
-    if D == 1:
-        return [(lw, lb, t)]
-    w3 = lw.reshape(V, D, H)
-    b2 = None if lb is None else lb.reshape(V, D)
-    t2 = t.reshape(N, V, D) if spec.prob else t.reshape(N, D)
-    return [(w3[:, k], None if b2 is None else b2[:, k],
-             t2[:, :, k] if spec.prob else t2[:, k]) for k in range(D)]
-
-
-def _sweep(x, heads, V, chunk, need, ce_step):
-    """Run every (head, chunk of rows): logits by a matmul, ce_step(k, r0, r1, logits), which
-    leaves dlogits in the logits buffer when a gradient is needed, then the gradient matmuls.
-
-    Returns (grad_input (N, H), grad_W (V, D, H) or (V, H), grad_b (V, D) or (V,)), each None
-    when not needed; grad_W and grad_b in the accumulation dtype (fp32, fp64 for fp64).
-    """
-    N, H = x.shape
-    D = len(heads)
-    dev, dtype = x.device, x.dtype
-    acc = acc_dtype(x)
-    need_x, need_w, need_b = need
-    gi = gw = gb = None
-    if need_x:
-        # one head: each chunk's rows are written once, by one GEMM; several heads add up
-        gi = (torch.empty(N, H, dtype=dtype, device=dev) if D == 1
-              else torch.zeros(N, H, dtype=acc, device=dev))
-    if need_w:
-        gw = torch.zeros((V, H) if D == 1 else (V, D, H), dtype=acc, device=dev)
-    if need_b:
-        gb = torch.zeros((V,) if D == 1 else (V, D), dtype=acc, device=dev)
-    if N == 0:
-        return gi, gw, gb
-    buf = torch.empty(min(chunk, N), V, dtype=dtype, device=dev)
-    for k, (w_k, b_k, _) in enumerate(heads):
-        gw_k = None if gw is None else (gw if D == 1 else gw[:, k])
-        for r0 in range(0, N, chunk):
-            r1 = min(N, r0 + chunk)
-            xr = x[r0:r1]
-            logits = buf[: r1 - r0]
-            if b_k is None:
-                torch.mm(xr, w_k.t(), out=logits)
-            else:
-                torch.addmm(b_k, xr, w_k.t(), out=logits)
-            ce_step(k, r0, r1, logits)
-            if need_x:
-                if D == 1:
-                    torch.mm(logits, w_k, out=gi[r0:r1])
-                else:
-                    _addmm_acc(gi[r0:r1], logits, w_k)
-            if need_w:
-                _addmm_acc(gw_k, logits.t(), xr)
-            if need_b:
-                (gb if D == 1 else gb[:, k]).add_(logits.sum(0, dtype=acc))
-    return gi, gw, gb
+def _options(spec):
+    o = spec.opts
+    return (o.ignore_index, o.label_smoothing, o.z_loss, o.softcap)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     """Outputs: (loss, ...) with what backward needs, marked non-differentiable: the three
-    gradients (None where not needed) when fused, else the per-row stats and grad_scale."""
+    gradients (None where not needed) when fused, else the per-row stats and grad_scale.
+
+    The chunk loops are the custom ops of _linear_ops.py (one call in forward, one in the
+    late backward), so torch.compile traces this Function around opaque calls."""
 
     @staticmethod
     def forward(x, lw, lb, t, weight, spec):
-        with _autocast.off(x.device.type):
-            return _LinearCrossEntropyFunction._forward(x, lw, lb, t, weight, spec)
-
-    @staticmethod
-    def _forward(x, lw, lb, t, weight, spec):
-        backend = backend_for(_FN, x)
-        opts, launch = spec.opts, launch_options(spec.opts)
+        opts = spec.opts
         N, V, D = x.shape[0], lw.shape[0], spec.heads
-        heads = _heads(x, lw, lb, t, spec)
-        acc = acc_dtype(x)
+        run = _ops.runner(x)  # one eager-or-op decision for the forward
         # device-side denominator over all N * D rows, before any chunk runs (for
         # probabilities only the row count N * D matters); it also checks the class ids
         mean = opts.reduction == "mean"
         ids = t.new_empty(N * D, 0) if spec.prob else t.reshape(-1)
-        scale = _ops.call(_ops.loss_scale, x, ids, weight, V, opts.ignore_index, mean, spec.prob,
-                          _FN)
+        scale = run(_ops.loss_scale, x, ids, weight, V, opts.ignore_index, mean, spec.prob, _FN)
         grad_scale = scale[1]
-        fuse, keep_stats = _fused(spec, x), any(spec.need) and not _fused(spec, x)
-        # per row and head: loss, max, log d, S (the kernel writes each chunk's in place)
-        stats = torch.empty(4, D, N, dtype=acc, device=x.device)
+        fuse = _fused(spec, x)
+        need = spec.need if fuse else (False,) * 3
+        stats, gi, gw, gb = run(_linear_ops.linear_cross_entropy_fwd, x, lw, lb, t, weight,
+                                grad_scale, D, spec.prob, spec.chunk, *need, *_options(spec))
         loss_rows = stats[0]
-
-        def ce_step(k, r0, r1, logits):
-            backend.cross_entropy_fwd(logits, heads[k][2][r0:r1], weight,
-                                      grad=logits if fuse else None, grad_scale=grad_scale,
-                                      stats=stats[:, k, r0:r1], **launch)
-
-        gi, gw, gb = _sweep(x, heads, V, spec.chunk, spec.need if fuse else (False,) * 3, ce_step)
-
         if opts.reduction == "none":
             # (N, D): row n, head k; a copy, never a view of the stats saved for backward
             loss = loss_rows.t().to(spec.loss_dtype, copy=True)
         else:
-            loss = _ops.call(_ops.loss_reduce, loss_rows.reshape(-1), scale, mean, spec.loss_dtype)
+            loss = run(_ops.loss_reduce, loss_rows.reshape(-1), scale, mean, spec.loss_dtype)
         if fuse:
-            return (loss, *_finish(gi, gw, gb, x, lw, lb))
-        if keep_stats:
+            return (loss, *(g if n else None for g, n in zip((gi, gw, gb), need)))
+        if any(spec.need):
             return loss, stats, grad_scale
         return (loss,)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, lw, lb, t, weight, spec = inputs
-        ctx.backend, ctx.spec, ctx.consumed = backend_for(_FN, x), spec, False
+        ctx.spec, ctx.consumed = spec, False
         ctx.fused = _fused(spec, x)
         ctx.mark_non_differentiable(*(o for o in output[1:] if o is not None))
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
@@ -259,40 +152,30 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, dloss, *_):
         if dloss is None:  # no gradient reached the loss (grads are not materialised)
             return (None,) * 6
-        with _autocast.off(dloss.device.type):
-            return _LinearCrossEntropyFunction._backward(ctx, dloss)
-
-    @staticmethod
-    def _backward(ctx, dloss):
         spec = ctx.spec
         second_order = torch.is_grad_enabled()  # create_graph=True
         if ctx.fused:
-            loss, gi, gw, gb = ctx.saved_tensors
-            if second_order:  # out of place, like the retain_graph case
-                return (*no_second_order(_FN, _SECOND_ORDER_HINT, loss, dloss, gi, gw, gb),
-                        None, None, None)
-            if spec.retain:
+            if second_order or spec.retain:  # out of place
+                loss, gi, gw, gb = ctx.saved_tensors
+                if second_order:
+                    return (*no_second_order(_FN, _SECOND_ORDER_HINT, loss, dloss, gi, gw, gb),
+                            None, None, None)
                 return (*(None if g is None else g * dloss for g in (gi, gw, gb)),
                         None, None, None)
-            take_fused_grad(ctx, _FN, "compute the loss again, or pass options with "
-                            "allow_retain_graph=True")
+            # in place, once: the op declares its write (bumping the saved tensors' versions)
+            loss, gi, gw, gb = take_fused_grad(ctx, _FN, "compute the loss again, or pass "
+                                               "options with allow_retain_graph=True")
+            run = _ops.runner(dloss)
             for g in (gi, gw, gb):
-                if g is not None:
-                    _scale_flat(ctx.backend, g, dloss)
+                if g is not None and g.numel():
+                    run(_linear_ops.scale_flat_, g, dloss)
             return gi, gw, gb, None, None, None
         loss, x, lw, lb, t, weight, stats, grad_scale = ctx.saved_tensors
-        N, V, D = x.shape[0], lw.shape[0], spec.heads
         with torch.no_grad():
-            heads = _heads(x, lw, lb, t, spec)
-            dl = dloss.expand(N, D) if dloss.dim() == 0 else dloss.reshape(N, D)
-            launch = launch_options(spec.opts)
-
-            def ce_step(k, r0, r1, logits):
-                ctx.backend.cross_entropy_bwd(logits, heads[k][2][r0:r1], weight,
-                                              stats[:, k, r0:r1], dl[r0:r1, k], grad_scale,
-                                              logits, **launch)
-
-            grads = _finish(*_sweep(x, heads, V, spec.chunk, spec.need, ce_step), x, lw, lb)
+            grads = _ops.call(_linear_ops.linear_cross_entropy_bwd, x, lw, lb, t, weight, stats,
+                              dloss, grad_scale, spec.heads, spec.prob, spec.chunk, *spec.need,
+                              *_options(spec))
+        grads = tuple(g if n else None for g, n in zip(grads, spec.need))
         if second_order:
             grads = no_second_order(_FN, _SECOND_ORDER_HINT, loss, None, *grads)
         return (*grads, None, None, None)
@@ -306,29 +189,6 @@ def _fused(spec, x):
 
 _SECOND_ORDER_HINT = ("linear_cross_entropy's gradients are made chunk by chunk from logits "
                       "it never keeps; use torch.nn.functional.linear_cross_entropy")
-
-
-def _scale_flat(backend, g, dloss):
-    """g *= dloss in place through the core's scale_grad (no traffic when dloss is 1, decided
-    on the device). g is contiguous (made here); it is seen as rows of _SCALE_ROW elements plus
-    one shorter row, so that V x H or N x H gradients launch long rows, not V short ones."""
-    flat = g.view(-1)
-    full = flat.numel() // _SCALE_ROW * _SCALE_ROW
-    if full:
-        backend.scale_grad(flat[:full].view(-1, _SCALE_ROW), dloss)
-    if full < flat.numel():
-        backend.scale_grad(flat[full:].view(1, -1), dloss)
-
-
-def _finish(gi, gw, gb, x, lw, lb):
-    """Cast the accumulators once to the parameters' dtype and give them their shapes."""
-    if gi is not None:
-        gi = gi.to(x.dtype)
-    if gw is not None:
-        gw = gw.to(lw.dtype).reshape(lw.shape)
-    if gb is not None:
-        gb = gb.to(lb.dtype).reshape(lb.shape)
-    return gi, gw, gb
 
 
 # ----------------------------------------------------------------------------- checks
@@ -489,8 +349,6 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and a is not None and a.requires_grad)
                  for a in (input, linear_weight, linear_bias))
-    if chunk_size is None:
-        chunk_size = _default_chunk_size(N, V, H, D, input.element_size(), input.device)
     spec = _Spec(opts, prob, D, chunk_size, need,
                  bool(getattr(options, "allow_retain_graph", False)),
                  _autocast.loss_dtype(input) if loss_dtype is None else loss_dtype)

@@ -1,6 +1,11 @@
-"""Shared test helpers: the tolerance table, the error measure, poisoned buffers."""
+"""Shared test helpers: the tolerance table, the error measure, poisoned buffers, an op
+recorder."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from softmax_ce_gpu import _ops
 
 # Norm-wise relative error allowed per dtype (values computed in fp32 inside the kernels;
 # the reference is torch on float64 copies of the same values): the fp32 arithmetic before
@@ -50,3 +55,39 @@ def assert_close(actual, expected, dtype, roundings=1):
 def poisoned(shape, dtype, device):
     """An output buffer filled with NaN, so that any element left unwritten fails a test."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op run: its name and the largest size in bytes among its outputs (bytes,
+    because Triton's interpreter handles tensors as byte views).
+
+    The library's custom ops are opened up: each is recorded by name (size 0) and its
+    implementation runs under the recorder, so the allocations inside it (a chunk of logits,
+    an accumulator) are seen too, in eager mode and in a compiled graph that calls the op.
+    A higher-order operator of a compiled graph (auto_functionalized around an in-place op)
+    is recorded by its outputs, the ops inside it are not."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self._impls = {op._opoverload: entry for op, entry in _ops._EAGER.items()}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        entry = self._impls.get(func)
+        if entry is not None:
+            impl, mutated = entry
+            self.ops.append((str(func.overloadpacket), 0))
+            with self:
+                out = impl(*args, **(kwargs or {}))
+            for i in mutated:  # as _ops.call does
+                torch.autograd.graph.increment_version(args[i])
+            return out
+        out = func(*args, **(kwargs or {}))
+        name = (func.name() if isinstance(func, torch._ops.HigherOrderOperator)
+                else str(func.overloadpacket))
+        sizes = [o.numel() * o.element_size() for o in tree_leaves(out)
+                 if isinstance(o, torch.Tensor)]
+        self.ops.append((name, max(sizes, default=0)))
+        return out

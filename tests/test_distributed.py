@@ -8,6 +8,8 @@ collected and raised at the end, so one rank's mismatch never leaves the others
 waiting in a collective. The spawned processes inherit TRITON_INTERPRET=1 through
 os.environ (conftest sets it; _spawn makes sure, also on a GPU runner), so fp32/bf16
 cases run the real kernels in the interpreter; float64 cases run the pure-PyTorch path.
+The two-rank world also compiles the loss (check_compiled: torch.compile fullgraph, aot_eager
+and inductor, on CPU over gloo).
 """
 
 import traceback
@@ -382,6 +384,43 @@ def check_empty_shard(rank, widths):
     return msgs
 
 
+def check_compiled(rank, widths):
+    """torch.compile(fullgraph=True) of a small loss, with aot_eager and with inductor: the
+    functional collectives and the shard ops trace without a graph break, and values and
+    gradients equal eager's. 'mean' (gradient made in forward) on the default group, 'none'
+    (made in backward) on a group of its own, 'sum' in bf16 and float64 (the torch path)."""
+    msgs = []
+    V = sum(widths)
+    lo, hi = _slice(widths, rank)
+    group = dist.new_group(list(range(len(widths))))  # every rank makes it, in the same order
+    cases = (("mean", torch.float32, None), ("none", torch.float32, group),
+             ("sum", torch.bfloat16, None), ("sum", torch.float64, group))
+    for backend in ("aot_eager", "inductor"):
+        for i, (reduction, dtype, grp) in enumerate(cases):
+            x, t, up = make_full(40 + i, 4, V, dtype, "plain", True, -100, widths)
+            up = up.to(dtype) if reduction == "none" else up[0].to(dtype)
+
+            def f(xs, t, reduction=reduction, grp=grp):
+                return vocab_parallel_cross_entropy(xs * 1.0, t, group=grp, reduction=reduction,
+                                                    label_smoothing=0.1, z_loss=1e-3,
+                                                    softcap=5.0)
+
+            torch._dynamo.reset()
+            xs = x[:, lo:hi].clone().requires_grad_()
+            ref = f(xs, t)
+            ref.backward(up)
+            ref_grad, xs.grad = xs.grad, None
+            out = torch.compile(f, backend=backend, fullgraph=True)(xs, t)
+            out.backward(up)
+            name = f"{backend} {reduction} {dtype}"
+            if out.dtype != ref.dtype or out.shape != ref.shape:
+                msgs.append(f"{name}: loss dtype/shape {out.dtype} {tuple(out.shape)}")
+            elif rel_err(out, ref) > TOL[dtype] or rel_err(xs.grad, ref_grad) > TOL[dtype]:
+                msgs.append(f"{name}: loss or gradient differs from eager's")
+    dist.destroy_process_group(group)
+    return msgs
+
+
 # ----------------------------------------------------------------------------- plans
 # Kernel cases (fp32/bf16 through the interpreter) cost about 0.4 s each on 2 cores;
 # float64 cases (the torch path) a tenth of that. Every option meets every reduction
@@ -411,7 +450,7 @@ def _plan_two():
                     seed0=2600)
     return cases + [dict(check=check_retain_graph), dict(check=check_small_shapes),
                     dict(check=check_bad_input), dict(check=check_fp16_scaled_and_no_grad),
-                    dict(check=check_double_backward_raises)]
+                    dict(check=check_double_backward_raises), dict(check=check_compiled)]
 
 
 def _plan_three():
@@ -449,3 +488,88 @@ def test_refuses_without_process_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck_shard_ops(dtype):
+    """The shard computations' custom ops (schema, fake implementation, aot dispatch) on one
+    shard, columns [7, 7 + 23) of V = 50: no process group needed, the shard is a tensor."""
+    from softmax_ce_gpu import _vocab_parallel_ops as vp
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(4, 23, device=device, dtype=dtype)
+    t = torch.tensor([8, 0, -100, 29], device=device)
+    shard = torch.tensor([7, 50], device=device)
+    opts = (-100, 0.1, 5.0)
+    torch.library.opcheck(vp.vocab_parallel_partial, (x, t, shard, *opts, "opcheck"))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    row_max = torch.full((4,), 3.0, device=device, dtype=acc)
+    row_logd = torch.full((4,), 4.0, device=device, dtype=acc)
+    scale = torch.tensor(0.5, device=device, dtype=acc)
+    for dloss in (torch.tensor(2.0, device=device, dtype=dtype), torch.rand(4, device=device)):
+        torch.library.opcheck(vp.vocab_parallel_grad, (x, t, shard, row_max, row_logd, dloss,
+                                                       scale, -100, 0.1, 1e-3, 5.0, "opcheck"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (CUDA-graph capture over a single-rank NCCL group)")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_graph_single_rank_nccl(tmp_path, reduction):
+    """A training step of vocab_parallel_cross_entropy on a one-rank NCCL group (one GPU holds
+    the whole vocabulary), captured in a CUDA graph with its collectives, and replayed on
+    new inputs: loss and gradient as eager's."""
+    if not dist.is_nccl_available():
+        pytest.skip("this torch build has no NCCL")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1, device_id=device)
+    try:
+        N, V = 64, 1000
+
+        def new_inputs():
+            x = torch.randn(N, V, device=device, dtype=torch.bfloat16)
+            t = torch.randint(0, V, (N,), device=device)
+            t[::5] = -100
+            return x, t
+
+        x0, t0 = new_inputs()
+        static_x = x0.clone().requires_grad_()
+        static_t = t0.clone()
+
+        def loss_of(x, t):
+            return vocab_parallel_cross_entropy(x, t, reduction=reduction, label_smoothing=0.1,
+                                                z_loss=1e-4).sum()
+
+        def step():
+            static_x.grad = None
+            loss = loss_of(static_x, static_t)
+            loss.backward()
+            return loss
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up: kernels compiled, NCCL communicator made
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = step()
+        static_grad = static_x.grad
+        for _ in range(2):
+            x, t = new_inputs()
+            with torch.no_grad():
+                static_x.copy_(x)
+            static_t.copy_(t)
+            graph.replay()
+            out, grad = loss.clone(), static_grad.clone()
+            leaf = x.clone().requires_grad_()
+            ref = loss_of(leaf, t)
+            ref.backward()
+            assert rel_err(out, ref) <= TOL[torch.bfloat16]
+            assert rel_err(grad, leaf.grad) <= TOL[torch.bfloat16]
+    finally:
+        dist.destroy_process_group()
+

@@ -13,7 +13,7 @@ import torch
 
 import softmax_ce_gpu as sc
 from softmax_ce_gpu import _backend, _ops, kernels
-from softmax_ce_gpu import linear as linear_mod
+from softmax_ce_gpu import _linear_ops
 
 try:
     from softmax_ce_gpu.bench import overhead
@@ -27,7 +27,7 @@ META = torch.device("meta")
 def meta_kernels(monkeypatch):
     """The kernels' launchers for meta tensors, their kernels stubbed; _assert_async recorded
     (it has no meta implementation) and required to receive a tensor, never a Python bool."""
-    for mod in (_backend, _ops, linear_mod):
+    for mod in (_backend, _ops, _linear_ops):
         monkeypatch.setattr(mod, "backend_for", lambda fn, x: kernels)
     asserts = []
 

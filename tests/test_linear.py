@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from helpers import TOL, assert_close, rel_err
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from helpers import TOL, OpRecorder, assert_close, rel_err
 
-from softmax_ce_gpu.linear import LinearCrossEntropyLoss, _default_chunk_size, linear_cross_entropy
+from softmax_ce_gpu._linear_ops import _default_chunk_size
+from softmax_ce_gpu.linear import LinearCrossEntropyLoss, linear_cross_entropy
 
 REDUCTIONS = ("mean", "sum", "none")
 needs_torch_lce = pytest.mark.skipif(
@@ -264,22 +263,6 @@ def test_module_loads_torch_state_dict():
 # ----------------------------------------------------------------------------- memory and syncs
 
 
-class _Recorder(TorchDispatchMode):
-    """Every aten op run: its name and the largest size in bytes among its outputs (bytes,
-    because Triton's interpreter handles tensors as byte views)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        sizes = [o.numel() * o.element_size() for o in tree_leaves(out)
-                 if isinstance(o, torch.Tensor)]
-        self.ops.append((str(func.overloadpacket), max(sizes, default=0)))
-        return out
-
-
 _SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.equal", "aten.masked_select",
              "aten.unique", "aten._unique2", "aten.item", "aten.is_nonzero"}
 
@@ -292,7 +275,7 @@ def test_never_makes_n_by_v_and_never_syncs(dtype, reduction):
     # N x V = 1600 elements; one chunk is 3 x 200 = 600; grad_W's accumulator V x H = 800
     N, H, V = 8, 4, 200
     x, lw, lb, t, w = make_case(N, H, V, dtype, bias=True, weight=True, ignore=True)
-    with _Recorder() as rec:
+    with OpRecorder() as rec:
         loss = linear_cross_entropy(x, lw, t, linear_bias=lb, weight=w, reduction=reduction,
                                     label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=3)
         loss.sum().backward()
