@@ -113,6 +113,23 @@ def _target_grad(z, weight, scale, m, logd, label_smoothing, acc):
     return dt if weight is None else dt * weight.to(acc)
 
 
+def _write_grads(grad, dtarget, z, dz, y, valid, m, logd, S, z_loss, scale, target, coef_c,
+                 weight, label_smoothing, acc):
+    """Write the logits' gradient into grad and the target's into dtarget (each if not None).
+
+    Both are computed before either is written: grad may be the logits themselves (in
+    place), and z is the logits for fp32/fp64 (no copy)."""
+    g = dt = None
+    if grad is not None:
+        g = _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, _ids(target), coef_c)
+    if dtarget is not None:
+        dt = _target_grad(z, weight, scale, m, logd, label_smoothing, acc)
+    if dt is not None:
+        dtarget.copy_(dt)
+    if g is not None:
+        grad.copy_(g)
+
+
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
                       grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_fwd."""
@@ -133,17 +150,8 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     out = torch.stack(rows)  # in acc: fp32 (fp64 for fp64 logits), as the kernels
     if grad is not None or dtarget is not None:
         scale = grad_scale.to(acc).expand(logits.shape[0])
-        # everything that reads the logits (z is them for fp32/fp64) is computed before the
-        # gradient is written, which may overwrite them (grad is logits: in place)
-        g = dt = None
-        if grad is not None:
-            g = _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, _ids(target), coef_c)
-        if dtarget is not None:
-            dt = _target_grad(z, weight, scale, m, logd, label_smoothing, acc)
-        if dt is not None:
-            dtarget.copy_(dt)
-        if g is not None:
-            grad.copy_(g)
+        _write_grads(grad, dtarget, z, dz, y, valid, m, logd, S, z_loss, scale, target, coef_c,
+                     weight, label_smoothing, acc)
     return out if stats is None else stats.copy_(out)
 
 
@@ -156,16 +164,8 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
     y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
     scale = (dloss.to(acc) * grad_scale.to(acc)).expand(logits.shape[0])
     m, logd = stats[1].to(acc), stats[2].to(acc)
-    g = dt = None  # both computed before either is written: grad may be the logits (in place)
-    if grad is not None:
-        g = _row_grad(z, dz, y, valid, m, logd, stats[3].to(acc), z_loss, scale, _ids(target),
-                      coef_c)
-    if dtarget is not None:
-        dt = _target_grad(z, weight, scale, m, logd, label_smoothing, acc)
-    if dt is not None:
-        dtarget.copy_(dt)
-    if g is not None:
-        grad.copy_(g)
+    _write_grads(grad, dtarget, z, dz, y, valid, m, logd, stats[3].to(acc), z_loss, scale,
+                 target, coef_c, weight, label_smoothing, acc)
     return grad
 
 

@@ -91,3 +91,11 @@ class OpRecorder(TorchDispatchMode):
                  if isinstance(o, torch.Tensor)]
         self.ops.append((name, max(sizes, default=0)))
         return out
+
+
+def model_grads(model, fn, *args):
+    """(fn(*args) detached, the gradients of model's parameters) after one backward."""
+    model.zero_grad(set_to_none=True)
+    out = fn(*args)
+    out.backward()
+    return out.detach(), [q.grad.clone() for q in model.parameters()]

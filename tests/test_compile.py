@@ -8,7 +8,7 @@ implementation; the autograd Functions around them are traced by dynamo.
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_close
+from helpers import assert_close, model_grads
 
 import softmax_ce_gpu as sc
 from softmax_ce_gpu import _ops
@@ -41,13 +41,6 @@ def _inputs(N=6, H=16, V=40):
     return h, t, p
 
 
-def _grads(model, fn, *args):
-    model.zero_grad(set_to_none=True)
-    out = fn(*args)
-    out.backward()
-    return out.detach(), [q.grad.clone() for q in model.parameters()]
-
-
 def test_no_graph_break():
     model = TinyLM().to(DEVICE)
     explained = torch._dynamo.explain(model)(*_inputs())
@@ -60,9 +53,9 @@ def test_compiled_matches_eager(backend):
     torch._dynamo.reset()
     model = TinyLM().to(DEVICE)
     args = _inputs()
-    ref, ref_grads = _grads(model, model, *args)
+    ref, ref_grads = model_grads(model, model, *args)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    out, grads = _grads(model, compiled, *args)
+    out, grads = model_grads(model, compiled, *args)
     assert_close(out, ref, torch.float32)
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, torch.float32)
@@ -201,7 +194,7 @@ def test_cuda_graph_capture_and_replay():
         model.zero_grad(set_to_none=False)
         graph.replay()
         out, grads = loss.clone(), [q.grad.clone() for q in model.parameters()]
-        ref, ref_grads = _grads(model, model, *new)
+        ref, ref_grads = model_grads(model, model, *new)
         assert_close(out, ref, torch.float32)
         for g, r in zip(grads, ref_grads):
             assert_close(g, r, torch.float32)

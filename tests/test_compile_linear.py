@@ -10,7 +10,7 @@ among the allocations of the compiled code as it runs (test_linear's allocation 
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import OpRecorder, assert_close
+from helpers import OpRecorder, assert_close, model_grads
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._pytree import tree_leaves
 
@@ -49,13 +49,6 @@ def _inputs(N=6, H=8, V=40):
     return h, t, p
 
 
-def _grads(model, fn, *args):
-    model.zero_grad(set_to_none=True)
-    out = fn(*args)
-    out.backward()
-    return out.detach(), [q.grad.clone() for q in model.parameters()]
-
-
 def test_no_graph_break():
     torch._dynamo.reset()
     model = LinearHead().to(DEVICE)
@@ -69,9 +62,9 @@ def test_compiled_matches_eager(backend):
     torch._dynamo.reset()
     model = LinearHead().to(DEVICE)
     args = _inputs()
-    ref, ref_grads = _grads(model, model, *args)
+    ref, ref_grads = model_grads(model, model, *args)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    out, grads = _grads(model, compiled, *args)
+    out, grads = model_grads(model, compiled, *args)
     assert_close(out, ref, torch.float32)
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, torch.float32)
