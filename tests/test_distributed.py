@@ -502,6 +502,7 @@ def test_opcheck_shard_ops(dtype):
     shard = torch.tensor([7, 50], device=device)
     opts = (-100, 0.1, 5.0)
     torch.library.opcheck(vp.vocab_parallel_partial, (x, t, shard, *opts, "opcheck"))
+    torch.library.opcheck(vp.vocab_parallel_partial_stats, (x, t, shard, *opts, "opcheck"))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     row_max = torch.full((4,), 3.0, device=device, dtype=acc)
     row_logd = torch.full((4,), 4.0, device=device, dtype=acc)
@@ -509,6 +510,49 @@ def test_opcheck_shard_ops(dtype):
     for dloss in (torch.tensor(2.0, device=device, dtype=dtype), torch.rand(4, device=device)):
         torch.library.opcheck(vp.vocab_parallel_grad, (x, t, shard, row_max, row_logd, dloss,
                                                        scale, -100, 0.1, 1e-3, 5.0, "opcheck"))
+
+
+@pytest.mark.parametrize("W", [37, 5000])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shard_stats_kernel_into_poisoned_buffers(dtype, softcap, W):
+    """The forward kernel with STATS (return_stats' partials: T_r, the largest logit, the
+    global column of its first occurrence, and the usual four rows), written into NaN- (and
+    -7-) poisoned buffers with a guarded tail, against the torch path on float64 copies: a
+    tie (across chunks when W = 5000: the first column), a row of -inf only, an ignored row,
+    two logits whose capped z tie (the larger logit wins), -inf padding, a class id outside
+    the shard. One shard, columns [11, 11 + W) of V = W + 16: no process group needed."""
+    from softmax_ce_gpu import _vocab_parallel_ops as vp
+    from softmax_ce_gpu.kernels import vocab_parallel as vpk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    N = 6
+    x = torch.randn(N, W, device=device, dtype=torch.float64) * 3.0
+    t = torch.randint(11, 11 + W, (N,), device=device)
+    x[1, 3] = x[1, W - 2] = 30.0
+    x[2] = float("-inf")
+    t[3] = -100
+    x[4, 1], x[4, W - 1] = 400.0, 448.0
+    x[5, W // 2:] = float("-inf")
+    t[5] = 2
+    x = x.to(dtype)
+    shard = torch.tensor([11, W + 16], device=device)
+    big = helpers.poisoned((6 * N + 5,), torch.float32, device)
+    best_big = torch.full((N + 3,), -7, dtype=torch.int64, device=device)
+    opts = dict(ignore_index=-100, label_smoothing=0.1, softcap=softcap)
+    part, best = vpk.vocab_parallel_fwd(x, t, shard, with_stats=True,
+                                        out=(big[:6 * N].view(6, N), best_big[:N]), **opts)
+    ref, ref_best = vp._torch_fwd(x.double(), t, shard, with_stats=True, **opts)
+    assert big[6 * N:].isnan().all() and (best_big[N:] == -7).all(), "a write past the outputs"
+    assert part.data_ptr() == big.data_ptr() and best.data_ptr() == best_big.data_ptr()
+    for row in range(5):  # m_r, z_c, s_r, B_r, T_r: fp32 arithmetic on the same values
+        assert rel_err(part[row], ref[row]) <= TOL[torch.float32], row
+    assert torch.equal(part[vpk.ROW_XMAX], ref[vpk.ROW_XMAX].float())  # a logit, exactly
+    assert torch.equal(best, ref_best)
+    expected = [11 + int(x[0].float().argmax()), 11 + 3, vpk.NO_ARGMAX, vpk.NO_ARGMAX,
+                11 + W - 1, 11 + int(x[5].float().argmax())]
+    assert best.tolist() == expected
+    assert vpk.NO_ARGMAX == vp.NO_ARGMAX
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
