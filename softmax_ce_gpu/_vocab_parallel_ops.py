@@ -3,6 +3,8 @@ pattern), and their pure-PyTorch path.
 
 - vocab_parallel_partial: checks the class ids against the global V, then the shard's (4, N)
   partial statistics (kernels/vocab_parallel.py's vocab_parallel_fwd, or torch ops).
+- vocab_parallel_partial_stats: the same, for return_stats: (6, N) partials (T_r and the
+  shard's largest logit added) and the global column of the shard's argmax.
 - vocab_parallel_grad: the gradient of the shard's columns from the global per-row max and
   log d, as a new tensor (used in forward for 'mean'/'sum', in backward for 'none'/fp16).
 
@@ -24,6 +26,8 @@ try:
 except ImportError:  # triton missing: backend_for never picks the kernels then
     _vp_kernels = None
 
+NO_ARGMAX = 2 ** 63 - 1  # = kernels/vocab_parallel.py's: no logit above -inf in the shard
+
 
 # ----------------------------------------------------------------------------- torch path
 
@@ -36,14 +40,19 @@ def _shard_target(target, shard, W, ignore_index):
     return valid, in_shard, torch.where(in_shard, c_loc, torch.zeros_like(c_loc))
 
 
-def _torch_fwd(logits, target, shard, *, ignore_index, label_smoothing, softcap):
-    """Same contract as softmax_ce_gpu.kernels.vocab_parallel.vocab_parallel_fwd, in torch ops
-    (float64 for float64 logits)."""
+def _torch_fwd(logits, target, shard, *, ignore_index, label_smoothing, softcap,
+               with_stats=False):
+    """Same contract as softmax_ce_gpu.kernels.vocab_parallel.vocab_parallel_fwd (without its
+    out=), in torch ops (float64 for float64 logits)."""
     acc = acc_dtype(logits)
     W = logits.shape[1]
-    if W == 0:  # an empty shard: max -inf, d = 0 (s = -1), no target logit, B = 0
+    if W == 0:  # an empty shard: max -inf, d = 0 (s = -1), no target logit, B = 0 (T = 0)
         m = torch.full((logits.shape[0],), float("-inf"), dtype=acc, device=logits.device)
-        return torch.stack([m, m, torch.full_like(m, -1.0), torch.zeros_like(m)])
+        zero = torch.zeros_like(m)
+        if not with_stats:
+            return torch.stack([m, m, torch.full_like(m, -1.0), zero])
+        best = torch.full(m.shape, NO_ARGMAX, dtype=torch.int64, device=m.device)
+        return torch.stack([m, m, torch.full_like(m, -1.0), zero, zero, m]), best
     z, _ = reference._capped(logits, softcap, acc)
     valid, in_shard, c_loc = _shard_target(target, shard, W, ignore_index)
     inf = torch.tensor(float("inf"), dtype=acc, device=logits.device)
@@ -58,7 +67,15 @@ def _torch_fwd(logits, target, shard, *, ignore_index, label_smoothing, softcap)
         B = torch.where(valid, B, torch.zeros_like(B))
     else:
         B = torch.zeros_like(m)
-    return torch.stack([m, z_c, s, B])
+    if not with_stats:
+        return torch.stack([m, z_c, s, B])
+    # T = sum_j exp(z_j - m) (m - z_j) >= 0, a -inf logit adding 0; the argmax is of the
+    # logits before the softcap, first column on ties (torch.argmax's)
+    T = torch.where(z == -inf, torch.zeros_like(z), e * (m_ref[:, None] - z)).sum(dim=1)
+    x = torch.where(valid[:, None], logits.to(acc), -inf)
+    x_max, best = x.max(dim=1)
+    best = torch.where(x_max == -inf, torch.full_like(best, NO_ARGMAX), best + shard[0])
+    return torch.stack([m, z_c, s, B, T, x_max]), best
 
 
 def _torch_bwd(logits, target, shard, row_max, row_logd, dloss, grad_scale, grad, *,
@@ -128,6 +145,30 @@ vocab_parallel_partial = _ops._custom_op("vocab_parallel_partial", _vocab_parall
 @vocab_parallel_partial.register_fake
 def _(x, target, shard, ignore_index, label_smoothing, softcap, fn):
     return x.new_empty(4, x.shape[0], dtype=acc_dtype(x))
+
+
+def _vocab_parallel_partial_stats(x: Tensor, target: Tensor, shard: Tensor, ignore_index: int,
+                                  label_smoothing: float, softcap: Optional[float],
+                                  fn: str) -> tuple[Tensor, Tensor]:
+    """vocab_parallel_partial for return_stats: ((6, N) partials, (N,) int64 argmax column).
+
+    The partials' rows 4 and 5 are T_r = sum over the shard of exp(z_j - m_r) (m_r - z_j)
+    and the shard's largest logit (before the softcap); the second tensor the global column
+    of that logit's first occurrence, NO_ARGMAX where the shard has none above -inf."""
+    _check_class_range(fn, target, shard, ignore_index)
+    return _impl(fn, x).vocab_parallel_fwd(x, target, shard, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, softcap=softcap,
+                                           with_stats=True)
+
+
+vocab_parallel_partial_stats = _ops._custom_op("vocab_parallel_partial_stats",
+                                               _vocab_parallel_partial_stats, ())
+
+
+@vocab_parallel_partial_stats.register_fake
+def _(x, target, shard, ignore_index, label_smoothing, softcap, fn):
+    return (x.new_empty(6, x.shape[0], dtype=acc_dtype(x)),
+            x.new_empty(x.shape[0], dtype=torch.int64))
 
 
 def _vocab_parallel_grad(x: Tensor, target: Tensor, shard: Tensor, row_max: Tensor,

@@ -13,9 +13,12 @@ Per call and row, in this order:
 2. partial statistics of the local shard (kernels/vocab_parallel.py, or torch ops for
    float64 and CPU without Triton's interpreter): m_r, s_r = d_r - 1 relative to
    m_r, z_c where the class id falls in the shard (-inf elsewhere), and, with label
-   smoothing, B_r = sum over the shard of (m_r - z_j).
+   smoothing, B_r = sum over the shard of (m_r - z_j). With return_stats, from the same
+   sweep: T_r = sum over the shard of exp(z_j - m_r) (m_r - z_j), the shard's largest
+   logit x_r and the global column of its first occurrence.
 3. all_reduce MAX of (m_r, z_c): the global max M and the target logit z_c
-   (8 bytes per row in fp32).
+   (8 bytes per row in fp32); with return_stats and a softcap also of x_r (12 bytes),
+   the argmax being of the logits before the cap.
 4. all_reduce SUM of (sigma_r, n_r[, B_r + W_r (M - m_r)]) (8 or 12 bytes per row),
    where a rank holding M (m_r = M) sends sigma_r = s_r, n_r = 1, and any other rank
    sigma_r = d_r exp(m_r - M), n_r = 0. Then
@@ -32,9 +35,19 @@ Per call and row, in this order:
    single-process gradient (not multiplied by the world size). For 'none', it saves
    the global M and log d (8 bytes a row) and writes the gradient in backward, which
    needs no communication.
+6. only with return_stats (_row_stats): all_reduce SUM of
+   q_r = exp(m_r - M) (T_r + d_r (M - m_r)) >= 0 (4 bytes a row) gives Q = sum_r q_r and
+   the entropy H = lse - sum_j p_j z_j = log d + Q / d without cancellation; all_reduce
+   MIN of an int64 candidate per row (8 bytes): the rank's argmax column where x_r is the
+   global max of the logits, a sentinel above every column elsewhere, so the smallest
+   global column of a tie wins (torch.argmax's). A collective of its own rather than a
+   row more in step 4's: a longer tensor can change the order in which a ring all_reduce
+   adds the ranks' terms, and the loss and gradient are to be bitwise those of
+   return_stats=False.
 
 Communication: 8 * world bytes, then 16 bytes a row (20 with label smoothing) per
-rank: O(N), never O(N x V).
+rank; return_stats adds two collectives and 12 bytes a row (16 with a softcap). float64
+logits send their floating-point rows in float64 (twice the bytes). O(N), never O(N x V).
 
 torch.compile(fullgraph=True) traces the whole loss: the collectives are
 torch.distributed's functional collectives (out of place, waited for at once; in eager
@@ -48,6 +61,7 @@ import torch.distributed._functional_collectives as funcol
 
 from . import _checks, _ops
 from . import _vocab_parallel_ops as _vp
+from .loss import CrossEntropyStats
 from ._reduction import acc_dtype, no_second_order, reduce, reduction_scale, take_fused_grad
 
 _SECOND_ORDER_HINT = "a differentiable gradient would need the collectives again"
@@ -68,13 +82,17 @@ def _shard_of(W, group, device):
     return torch.stack([widths[:rank].sum(), widths.sum()])
 
 
-def _combine(part, W, shard, valid, opts, group):
-    """Global per-row (max, log d, loss) from each rank's (4, N) partial statistics.
+def _combine(part, W, shard, valid, opts, group, with_stats=False):
+    """Global per-row (max, log d, loss) from each rank's (4, N) partial statistics, and a
+    fourth value: with_stats (part is then return_stats' (6, N)) the global max of the logits
+    before the softcap (M itself without one), from the same MAX all_reduce, else None.
 
     Two collectives; every rank ends with bitwise the same values.
     """
     m_r, s_r, B_r = part[0], part[2], part[3]
-    mz = _all_reduce(part[:2], "max", group)
+    # with a softcap the argmax is of the logits, whose capped z may tie: their max too
+    of_x = with_stats and opts.softcap is not None
+    mz = _all_reduce(torch.stack([part[0], part[1], part[5]]) if of_x else part[:2], "max", group)
     M, z_c = mz[0], mz[1]
     finite = M != float("-inf")
     top = (m_r == M) & finite
@@ -102,18 +120,51 @@ def _combine(part, W, shard, valid, opts, group):
     if opts.z_loss > 0.0:
         loss = loss + opts.z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return M, logd, loss
+    X = (mz[2] if of_x else M) if with_stats else None
+    return M, logd, loss, X
+
+
+def _row_stats(part, best, t, valid, M, logd, X, group):
+    """The per-row (lse, entropy, correct) of return_stats from each rank's (6, N) partials
+    and argmax column (best), the global max M, log d, and X, the global max of the logits
+    (_combine's fourth value). Two more collectives, never folded into _combine's SUM: a
+    longer tensor can change the order in which a ring all_reduce adds the ranks' terms,
+    and with it the last bit of the loss and gradient (from three ranks on).
+
+    The entropy H = lse - sum_j p_j z_j = log d + Q / d, with
+    Q = sum_r exp(m_r - M) (T_r + d_r (M - m_r)): every term >= 0, no cancellation. The argmax
+    is the smallest candidate of the ranks whose largest logit is X: the first global column
+    of the max, as torch.argmax's (a shard without one offers NO_ARGMAX).
+    """
+    m_r, s_r, T_r = part[0], part[2], part[4]
+    # at the max (m_r = M) the term is T_r itself; a shard of -inf only (d_r = 0, s_r = -1)
+    # adds nothing: 0 * inf must not make a NaN
+    moved = torch.exp(m_r - M) * (T_r + (1.0 + s_r) * (M - m_r))
+    q = torch.where(s_r > -1.0, moved, torch.zeros_like(T_r))
+    # part[5] is the shard's largest logit (m_r itself without a softcap)
+    cand = torch.where(part[5] == X, best, torch.full_like(best, _vp.NO_ARGMAX))
+    Q = _all_reduce(q, "sum", group)
+    arg = _all_reduce(cand, "min", group)
+    lse = M + logd
+    entropy = logd + Q / torch.exp(logd)
+    # an ignored row read nothing: NaN, NaN, False (as cross_entropy's); a row of -inf only
+    # has argmax 0 (as torch.argmax)
+    nan = torch.full_like(lse, float("nan"))
+    arg = torch.where(arg == _vp.NO_ARGMAX, torch.zeros_like(arg), arg)
+    return (torch.where(valid, lse, nan), torch.where(valid, entropy, nan),
+            valid & (arg == t.long()))
 
 
 class _VocabParallelFunction(torch.autograd.Function):
-    """Outputs: (loss,) and, by mode, what backward needs (marked non-differentiable).
+    """Outputs: (loss,) and, by mode, what backward needs, then with_stats the per-row
+    (lse, entropy, correct); all but the loss marked non-differentiable.
 
     mode: None (no gradient), 'fused' (made in forward: 'mean'/'sum', not fp16, whose
     gradient must meet a loss scaler's factor before it is rounded, as in loss.py) or
     'late' (made in backward from the saved global max and log d)."""
 
     @staticmethod
-    def forward(x, t, opts, group, fn, mode):
+    def forward(x, t, opts, group, fn, mode, with_stats):
         N, W = x.shape
         acc = acc_dtype(x)
         shard = _shard_of(W, group, x.device)
@@ -123,48 +174,58 @@ class _VocabParallelFunction(torch.autograd.Function):
         fuse = mode == "fused"
         if N == 0:  # the same on every rank (target is): no rank enters the collectives
             loss_rows, row_max, row_logd = (x.new_empty(0, dtype=acc) for _ in range(3))
+            row_stats = (x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc),
+                         x.new_empty(0, dtype=torch.bool))
             grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fuse else None
         else:
             run = _ops.runner(x)  # one eager-or-op decision for the forward
             # checks the class ids against the global V first (the same on every rank)
-            part = run(_vp.vocab_parallel_partial, x, t, shard, opts.ignore_index,
-                       opts.label_smoothing, opts.softcap, fn)
-            row_max, row_logd, loss_rows = _combine(part, W, shard, valid, opts, group)
+            args = (x, t, shard, opts.ignore_index, opts.label_smoothing, opts.softcap, fn)
+            if with_stats:
+                part, best = run(_vp.vocab_parallel_partial_stats, *args)
+            else:
+                part, best = run(_vp.vocab_parallel_partial, *args), None
+            row_max, row_logd, loss_rows, X = _combine(part, W, shard, valid, opts, group,
+                                                       with_stats)
+            if with_stats:
+                row_stats = _row_stats(part, best, t, valid, row_max, row_logd, X, group)
             if fuse:
                 grad = run(_vp.vocab_parallel_grad, x, t, shard, row_max, row_logd, one,
                            grad_scale, opts.ignore_index, opts.label_smoothing, opts.z_loss,
                            opts.softcap, fn)
         loss = reduce(loss_rows, denom, opts.reduction).to(x.dtype)
+        stats = row_stats if with_stats else ()
         if fuse:
-            return loss, grad
+            return loss, grad, *stats
         if mode == "late":
-            return loss, shard, row_max, row_logd, grad_scale
-        return (loss,)
+            return loss, shard, row_max, row_logd, grad_scale, *stats
+        return (loss, *stats)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, t, opts, group, fn, mode = inputs
+        x, t, opts, group, fn, mode, with_stats = inputs
         ctx.opts, ctx.fn, ctx.mode, ctx.consumed = opts, fn, mode, False
         ctx.mark_non_differentiable(*output[1:])
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
         ctx.set_materialize_grads(False)
+        saved = output[1:len(output) - 3] if with_stats else output[1:]  # what backward needs
         if mode == "fused":
-            ctx.save_for_backward(output[1], output[0])
+            ctx.save_for_backward(saved[0], output[0])
         elif mode == "late":
-            ctx.save_for_backward(x, t, *output[1:], output[0])
+            ctx.save_for_backward(x, t, *saved, output[0])
 
     @staticmethod
     def backward(ctx, dloss, *_):
+        nones = (None,) * 6
         if dloss is None:  # no gradient reached the loss (grads are not materialised)
-            return (None,) * 6
+            return (None, *nones)
         second_order = torch.is_grad_enabled()  # create_graph=True
         if ctx.mode == "fused":
             grad, loss = take_fused_grad(ctx, ctx.fn)
             if second_order:
-                return (*no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, grad),
-                        None, None, None, None, None)
+                return (*no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, grad), *nones)
             _ops.call(_ops.scale_grad_, grad, dloss)
-            return grad, None, None, None, None, None
+            return (grad, *nones)
         x, t, shard, row_max, row_logd, grad_scale, loss = ctx.saved_tensors
         o = ctx.opts
         with torch.no_grad():
@@ -173,11 +234,12 @@ class _VocabParallelFunction(torch.autograd.Function):
                              ctx.fn)
         if second_order:
             (grad,) = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, None, grad)
-        return grad, None, None, None, None, None
+        return (grad, *nones)
 
 
 def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_index=-100,
-                                 reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None):
+                                 reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                                 return_stats=False):
     """Softmax cross-entropy of logits whose vocabulary is split across the ranks of a group.
 
     Rank r of ``group`` holds the columns [start_r, start_r + W_r) of the logits, in rank
@@ -186,8 +248,9 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
     the full (N, V) logits: the same loss on every rank, and on each rank the gradient of
     its own columns (the slice of the single-process gradient, not scaled by the world
     size). Communication is O(N) per rank: three all_reduce calls per forward (the
-    widths, then 8 bytes a row, then 8 bytes a row, 12 with label smoothing), none in
-    backward. Every rank of the group must make the call, with the same target and options.
+    widths, then 8 bytes a row, then 8 bytes a row, 12 with label smoothing; two more with
+    return_stats), none in backward. Every rank of the group must make the call, with the
+    same target and options.
 
     Args:
         logits_shard: (N, W_r) or (W_r,) float16/bfloat16/float32/float64, this rank's
@@ -204,10 +267,22 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
         z_loss: >= 0 (default 0.0): adds z_loss * lse^2 to each non-ignored row's loss,
             lse being the global log-sum-exp.
         softcap: None (default) or c > 0: the logits become c * tanh(logits / c) first.
+        return_stats: False (default). True returns (loss, CrossEntropyStats(lse, entropy,
+            correct)), the statistics ``cross_entropy(..., return_stats=True)`` gives on the
+            full logits: (N,) (or () for 1-D logits) lse and entropy of the (softcapped)
+            logits in float32 (float64 for float64 logits), and correct, bool, whether the
+            argmax over the whole vocabulary (the first global column on ties) is the
+            target; NaN, NaN, False on ignored rows. Bitwise the same on every rank, without
+            gradient, from the same sweep over the shard; the loss and gradient are bitwise
+            those of return_stats=False. They cost two more all_reduce calls, a SUM of 4
+            bytes a row (8 for float64) and a MIN of 8 bytes a row (an int64 column), and
+            with a softcap 4 (8) more bytes a row in the MAX (the argmax is of the logits
+            before the cap, which the capped values may tie).
 
     Class weights are not supported (there is no ``weight`` argument).
 
-    Returns: the loss, of the logits' dtype: a scalar, or (N,) for 'none'.
+    Returns: the loss, of the logits' dtype: a scalar, or (N,) for 'none'; with return_stats
+    the pair (loss, stats).
 
     With reduction 'mean' or 'sum' the gradient is written in the forward pass and
     backward only scales it (a second backward through the same loss raises); with
@@ -215,6 +290,7 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
     """
     fn = "vocab_parallel_cross_entropy"
     opts = _checks.check_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    _checks.check_bool(fn, "return_stats", return_stats)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{fn}: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first")
@@ -239,7 +315,12 @@ def vocab_parallel_cross_entropy(logits_shard, target, *, group=None, ignore_ind
         mode = "fused" if fused else "late"
     if group is None:  # the functional collectives take the group itself
         group = dist.group.WORLD
-    loss = _VocabParallelFunction.apply(x, t, opts, group, fn, mode)[0]
+    out = _VocabParallelFunction.apply(x, t, opts, group, fn, mode, return_stats)
+    loss = out[0]
     if opts.reduction == "none" and logits_shard.dim() == 1:
-        return loss.reshape(())
-    return loss
+        loss = loss.reshape(())
+    if not return_stats:
+        return loss
+    shape = () if logits_shard.dim() == 1 else (x.shape[0],)  # the batch shape
+    lse, entropy, correct = (o.reshape(shape) for o in out[-3:])
+    return loss, CrossEntropyStats(lse, entropy, correct)

@@ -1,5 +1,5 @@
-"""Shared test helpers: the tolerance table, the error measure, poisoned buffers, an op
-recorder."""
+"""Shared test helpers: the tolerance table, the error measure, the statistics' reference,
+poisoned buffers, an op recorder."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,6 +50,30 @@ def assert_close(actual, expected, dtype, roundings=1):
     err = rel_err(actual, expected)
     bound = tol(dtype, roundings)
     assert err <= bound, f"relative error {err:.3g} > {bound:.3g} for {dtype} ({roundings} rounding)"
+
+
+def expected_stats(x, t, *, softcap=None, ignore_index=-100):
+    """(lse, entropy, correct) of return_stats=True in float64 from torch, with the kernels'
+    conventions: of the softcapped logits; the argmax of the logits (of the target row for
+    probabilities), first index on ties; ignored rows NaN, NaN, False."""
+    x64 = x.double()
+    inf = float("inf")
+    z = x64
+    if softcap is not None:
+        z = torch.where(x64 == -inf, x64, softcap * torch.tanh(x64 / softcap))
+    lse = torch.logsumexp(z, dim=1)
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * logp).sum(dim=1)
+    best = x.argmax(dim=1)
+    if t.is_floating_point():
+        valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        correct = best == t.argmax(dim=1)
+    else:
+        valid = t != ignore_index
+        correct = valid & (best == t)
+    nan = torch.full_like(lse, float("nan"))
+    return torch.where(valid, lse, nan), torch.where(valid, entropy, nan), correct
 
 
 def poisoned(shape, dtype, device):

@@ -22,8 +22,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import helpers
-from helpers import TOL, rel_err
+from helpers import TOL, expected_stats, rel_err
 
+import softmax_ce_gpu as sc
 from softmax_ce_gpu.distributed import vocab_parallel_cross_entropy
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -163,6 +164,143 @@ def _cases(dtypes, reductions, options, kinds, widths, N=3, seed0=0):
     return out
 
 
+# ----------------------------------------------------------------------------- statistics
+
+
+def make_stats_full(seed, N, V, dtype, widths, ignore_index=-100):
+    """Full logits and target with the rows return_stats must get right (N >= 6), the same on
+    every rank: rows 0 and 1 hold their max twice, once in rank 0's shard and once in rank
+    1's (the smaller global column is the argmax: row 1's target, not row 0's); row 2's target
+    is its argmax, in the last shard; row 3 is ignored; row 4 has two logits so large that the
+    softcap (4.0 in these cases) maps both to the same z in fp32 and float64 (tanh(100) = 1):
+    the argmax is of the logits, the later, larger one (its target); row 5's first shard is
+    all -inf (its target elsewhere); the rest random."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, V, generator=g, dtype=torch.float64) * 3.0
+    t = torch.randint(0, V, (N,), generator=g)
+    lo1 = _slice(widths, 1)[0]
+    last = _slice(widths, len(widths) - 1)
+    for r in (0, 1):
+        a, b = (r * 5) % widths[0], lo1 + (r * 3) % widths[1]
+        x[r, a] = x[r, b] = 25.0
+        t[r] = (b, a)[r]
+    t[2] = last[0] + 1
+    x[2, t[2]] = 20.0
+    t[3] = ignore_index
+    x[4, 2] = 400.0
+    x[4, last[1] - 2] = 448.0  # 400 and 448 are exact in bf16 and fp16
+    t[4] = last[1] - 2
+    x[5, :widths[0]] = float("-inf")
+    t[5] = widths[0] + int(t[5]) % (V - widths[0])  # a finite target logit
+    up = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    return x.to(dtype), t, up
+
+
+def _gathered_equal(t):
+    """Whether t is bitwise the same on every rank (one all_gather)."""
+    bits = t.detach().contiguous().view(torch.uint8).reshape(-1)
+    gathered = [torch.empty_like(bits) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, bits)
+    return all(torch.equal(g, bits) for g in gathered)
+
+
+def run_stats_case(rank, case):
+    """return_stats=True: the statistics of the full logits (against torch in float64 and
+    against single-device cross_entropy), bitwise the same on every rank, without gradient,
+    and the loss and gradient bitwise those of the call without them."""
+    dtype, reduction, widths = case["dtype"], case["reduction"], case["widths"]
+    opts = dict(case["opts"])
+    V = sum(widths)
+    ignore_index = opts.get("ignore_index", -100)
+    x, t, up = make_stats_full(case["seed"], case["N"], V, dtype, widths, ignore_index)
+    lo, hi = _slice(widths, rank)
+    if reduction != "none":
+        up = up[0]
+    up = up.to(dtype)
+    xs = x[:, lo:hi].clone().requires_grad_()
+    loss, stats = vocab_parallel_cross_entropy(xs, t, reduction=reduction, return_stats=True,
+                                               **opts)
+    loss.backward(up)
+    plain = x[:, lo:hi].clone().requires_grad_()
+    ref_loss = vocab_parallel_cross_entropy(plain, t, reduction=reduction, **opts)
+    ref_loss.backward(up)
+    same = [_gathered_equal(v) for v in stats]  # before any check can raise on one rank only
+    msgs = [f"{name} differs between ranks" for name, ok in zip(stats._fields, same) if not ok]
+    if not (torch.equal(loss, ref_loss) and torch.equal(xs.grad, plain.grad)):
+        msgs.append("loss or gradient differs from the call without return_stats")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if not isinstance(stats, sc.CrossEntropyStats):
+        msgs.append(f"stats is a {type(stats).__name__}")
+    if (stats.lse.dtype, stats.entropy.dtype, stats.correct.dtype) != (acc, acc, torch.bool):
+        msgs.append(f"dtypes {stats.lse.dtype} {stats.entropy.dtype} {stats.correct.dtype}")
+    if any(v.shape != t.shape for v in stats):
+        msgs.append(f"shapes {[tuple(v.shape) for v in stats]}")
+    if any(v.requires_grad or v.grad_fn is not None for v in stats):
+        msgs.append("the statistics carry a gradient")
+    lse, entropy, correct = expected_stats(x, t, softcap=opts.get("softcap"),
+                                           ignore_index=ignore_index)
+    for name, got, want in (("lse", stats.lse, lse), ("entropy", stats.entropy, entropy)):
+        err = rel_err(got, want)
+        if err > TOL[acc]:
+            msgs.append(f"{name} rel err {err:.3g} > {TOL[acc]:.3g}")
+    if not torch.equal(stats.correct, correct):
+        msgs.append(f"correct {stats.correct.tolist()} != {correct.tolist()}")
+    # single-device cross_entropy on the full logits: the same decisions, NaN where it has them
+    _, single = sc.cross_entropy(x, t, reduction=reduction, return_stats=True, **opts)
+    if not torch.equal(stats.correct, single.correct):
+        msgs.append(f"correct differs from cross_entropy's {single.correct.tolist()}")
+    for name in ("lse", "entropy"):
+        if not torch.equal(getattr(stats, name).isnan(), getattr(single, name).isnan()):
+            msgs.append(f"{name}'s NaN rows differ from cross_entropy's")
+    return msgs
+
+
+def _stats_cases(dtypes, reductions, options, widths, N=8, seed0=7000):
+    return [dict(case, stats=True)
+            for case in _cases(dtypes, reductions, options, ("plain",), widths, N=N, seed0=seed0)]
+
+
+STATS_OPTIONS = (dict(), dict(softcap=4.0), dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0),
+                 dict(ignore_index=3))
+
+
+def check_stats_small_shapes_and_bad_input(rank, widths):
+    """return_stats with 1-D logits (stats of shape ()), N = 0, under no_grad; a return_stats
+    that is not a bool raises a TypeError naming the function, the argument and the value on
+    every rank, before any collective."""
+    msgs = []
+    V = sum(widths)
+    lo, hi = _slice(widths, rank)
+    x, t, _ = make_stats_full(51, 8, V, torch.float32, widths)
+    for r in (1, 2, 6):  # rows 1 and 2 are correct, row 6 (random) most likely not
+        loss, st = vocab_parallel_cross_entropy(x[r, lo:hi], t[r], reduction="none",
+                                                return_stats=True)
+        want = expected_stats(x[r:r + 1], t[r:r + 1])
+        if loss.shape != () or any(v.shape != () for v in st):
+            msgs.append(f"1-D row {r}: shapes {tuple(loss.shape)} {[tuple(v.shape) for v in st]}")
+        elif (rel_err(st.lse.reshape(1), want[0]) > TOL[torch.float32]
+              or bool(st.correct) != bool(want[2])):
+            msgs.append(f"1-D row {r}: statistics differ")
+    loss, st = vocab_parallel_cross_entropy(torch.randn(0, hi - lo),
+                                            torch.zeros(0, dtype=torch.long), return_stats=True)
+    if any(v.shape != (0,) for v in st) or st.correct.dtype != torch.bool:
+        msgs.append(f"N=0: {[(tuple(v.shape), v.dtype) for v in st]}")
+    with torch.no_grad():
+        _, st = vocab_parallel_cross_entropy(x[:, lo:hi], t, return_stats=True, softcap=4.0)
+    if not torch.equal(st.correct, expected_stats(x, t, softcap=4.0)[2]):
+        msgs.append("no_grad: correct differs")
+    for bad in (1, None, "yes"):
+        try:
+            vocab_parallel_cross_entropy(x[:, lo:hi], t, return_stats=bad)
+            msgs.append(f"return_stats={bad!r} did not raise")
+        except TypeError as err:
+            text = str(err)
+            if not all(part in text for part in ("vocab_parallel_cross_entropy", "'return_stats'",
+                                                  repr(bad))):
+                msgs.append(f"return_stats={bad!r}: message {text!r}")
+    return msgs
+
+
 # ----------------------------------------------------------------------------- worlds
 
 
@@ -181,6 +319,8 @@ def _worker(rank, world, rdv, widths, plan):
             try:
                 if "check" in case:
                     msgs = case["check"](rank, widths)
+                elif case.get("stats"):
+                    msgs = run_stats_case(rank, case)
                 else:
                     msgs = run_case(rank, case)
             except Exception:  # noqa: BLE001  (reported below with the case)
@@ -195,8 +335,8 @@ def _worker(rank, world, rdv, widths, plan):
 def case_name(case):
     if "check" in case:
         return case["check"].__name__
-    return (f"{case['dtype']} {case['reduction']} {case['kind']} N={case['N']} {case['widths']} "
-            f"{case['opts'] or 'plain'}")
+    return (f"{'stats ' if case.get('stats') else ''}{case['dtype']} {case['reduction']} "
+            f"{case['kind']} N={case['N']} {case['widths']} {case['opts'] or 'plain'}")
 
 
 def _spawn(tmp_path, monkeypatch, widths, plan):
@@ -363,8 +503,8 @@ def check_double_backward_raises(rank, widths):
 
 def check_empty_shard(rank, widths):
     """A rank that holds no columns (W = 0) takes part: every rank gets the loss of the full
-    logits and its slice of the gradient (an empty one on the empty rank), and no rank is
-    left waiting in a collective."""
+    logits and its slice of the gradient (an empty one on the empty rank), and its statistics,
+    and no rank is left waiting in a collective."""
     msgs = []
     split = [widths[0] + widths[1], 0] + list(widths[2:])  # rank 1 holds nothing
     V = sum(split)
@@ -381,6 +521,13 @@ def check_empty_shard(rank, widths):
                 msgs.append(f"{dtype} {reduction}: loss differs or gradient shape wrong")
             elif rel_err(xs.grad, x64.grad[:, lo:hi]) > TOL[dtype]:
                 msgs.append(f"{dtype} {reduction}: gradient differs")
+        # the statistics: the empty shard offers no argmax and adds nothing to the entropy
+        x, t, _ = make_stats_full(32, 8, V, dtype, widths)  # rows placed by the nonempty widths
+        _, st = vocab_parallel_cross_entropy(x[:, lo:hi], t, return_stats=True, softcap=4.0)
+        want = expected_stats(x, t, softcap=4.0)
+        if not torch.equal(st.correct, want[2]) or any(
+                rel_err(a, b) > TOL[dtype] for a, b in zip(st[:2], want[:2])):
+            msgs.append(f"{dtype}: statistics differ")
     return msgs
 
 
@@ -421,6 +568,37 @@ def check_compiled(rank, widths):
     return msgs
 
 
+def check_compiled_stats(rank, widths):
+    """return_stats under torch.compile(fullgraph=True), aot_eager and inductor, with a
+    softcap (the argmax's extra row in the max and its all_reduce MIN): statistics, loss and
+    gradient as eager's."""
+    msgs = []
+    lo, hi = _slice(widths, rank)
+    x, t, _ = make_stats_full(60, 8, sum(widths), torch.float32, widths)
+
+    def f(xs, t):
+        loss, st = vocab_parallel_cross_entropy(xs * 1.0, t, softcap=4.0, label_smoothing=0.1,
+                                                return_stats=True)
+        return loss, st.lse, st.entropy, st.correct
+
+    for backend in ("aot_eager", "inductor"):
+        torch._dynamo.reset()
+        xs = x[:, lo:hi].clone().requires_grad_()
+        ref = f(xs, t)
+        ref[0].backward()
+        ref_grad, xs.grad = xs.grad, None
+        out = torch.compile(f, backend=backend, fullgraph=True)(xs, t)
+        out[0].backward()
+        tol = TOL[torch.float32]
+        if not torch.equal(out[3], ref[3]) or out[3].dtype != torch.bool:
+            msgs.append(f"{backend}: correct differs from eager's")
+        elif any(rel_err(o, r) > tol for o, r in zip(out[:3], ref[:3])):
+            msgs.append(f"{backend}: loss or statistics differ from eager's")
+        elif rel_err(xs.grad, ref_grad) > tol:
+            msgs.append(f"{backend}: gradient differs from eager's")
+    return msgs
+
+
 # ----------------------------------------------------------------------------- plans
 # Kernel cases (fp32/bf16 through the interpreter) cost about 0.4 s each on 2 cores;
 # float64 cases (the torch path) a tenth of that. Every option meets every reduction
@@ -448,9 +626,16 @@ def _plan_two():
                     [4500, 700], N=2, seed0=2500)
     cases += _cases((torch.float32,), ("none",), PAD_OPTIONS[1:], ("pad",), [4500, 700], N=2,
                     seed0=2600)
+    # return_stats: every reduction and option in fp32 and float64, bf16, and fp16 (the late
+    # path); shards of several chunks: test_shard_stats_kernel_into_poisoned_buffers
+    cases += _stats_cases((torch.float32, torch.float64), REDUCTIONS, STATS_OPTIONS, w)
+    cases += _stats_cases((torch.bfloat16,), ("mean", "none"), STATS_OPTIONS[:3], w, seed0=7100)
+    cases += _stats_cases((torch.float16,), ("mean",), STATS_OPTIONS[1:2], w, seed0=7200)
     return cases + [dict(check=check_retain_graph), dict(check=check_small_shapes),
                     dict(check=check_bad_input), dict(check=check_fp16_scaled_and_no_grad),
-                    dict(check=check_double_backward_raises), dict(check=check_compiled)]
+                    dict(check=check_double_backward_raises), dict(check=check_compiled),
+                    dict(check=check_stats_small_shapes_and_bad_input),
+                    dict(check=check_compiled_stats)]
 
 
 def _plan_three():
@@ -466,7 +651,13 @@ def _plan_three():
                     ("confident", "tie", "strided"), w, seed0=5000)
     cases += _cases((torch.float32, torch.float64), ("mean",), PAD_OPTIONS[1:], ("pad",), w,
                     seed0=5500)
-    return cases + [dict(check=check_empty_shard)]
+    for i, opts in enumerate(STATS_OPTIONS):
+        cases += _stats_cases((torch.float32,), (REDUCTIONS[i % 3],), (opts,), w,
+                              seed0=7500 + 10 * i)
+    cases += _stats_cases((torch.bfloat16,), ("sum",), STATS_OPTIONS[1:3], w, seed0=7600)
+    cases += _stats_cases((torch.float64,), REDUCTIONS, STATS_OPTIONS[:3], w, seed0=7700)
+    return cases + [dict(check=check_empty_shard),
+                    dict(check=check_stats_small_shapes_and_bad_input)]
 
 
 PLANS = {"two": _plan_two, "three": _plan_three}
@@ -502,6 +693,7 @@ def test_opcheck_shard_ops(dtype):
     shard = torch.tensor([7, 50], device=device)
     opts = (-100, 0.1, 5.0)
     torch.library.opcheck(vp.vocab_parallel_partial, (x, t, shard, *opts, "opcheck"))
+    torch.library.opcheck(vp.vocab_parallel_partial_stats, (x, t, shard, *opts, "opcheck"))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     row_max = torch.full((4,), 3.0, device=device, dtype=acc)
     row_logd = torch.full((4,), 4.0, device=device, dtype=acc)
@@ -509,6 +701,49 @@ def test_opcheck_shard_ops(dtype):
     for dloss in (torch.tensor(2.0, device=device, dtype=dtype), torch.rand(4, device=device)):
         torch.library.opcheck(vp.vocab_parallel_grad, (x, t, shard, row_max, row_logd, dloss,
                                                        scale, -100, 0.1, 1e-3, 5.0, "opcheck"))
+
+
+@pytest.mark.parametrize("W", [37, 5000])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shard_stats_kernel_into_poisoned_buffers(dtype, softcap, W):
+    """The forward kernel with STATS (return_stats' partials: T_r, the largest logit, the
+    global column of its first occurrence, and the usual four rows), written into NaN- (and
+    -7-) poisoned buffers with a guarded tail, against the torch path on float64 copies: a
+    tie (across chunks when W = 5000: the first column), a row of -inf only, an ignored row,
+    two logits whose capped z tie (the larger logit wins), -inf padding, a class id outside
+    the shard. One shard, columns [11, 11 + W) of V = W + 16: no process group needed."""
+    from softmax_ce_gpu import _vocab_parallel_ops as vp
+    from softmax_ce_gpu.kernels import vocab_parallel as vpk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    N = 6
+    x = torch.randn(N, W, device=device, dtype=torch.float64) * 3.0
+    t = torch.randint(11, 11 + W, (N,), device=device)
+    x[1, 3] = x[1, W - 2] = 30.0
+    x[2] = float("-inf")
+    t[3] = -100
+    x[4, 1], x[4, W - 1] = 400.0, 448.0
+    x[5, W // 2:] = float("-inf")
+    t[5] = 2
+    x = x.to(dtype)
+    shard = torch.tensor([11, W + 16], device=device)
+    big = helpers.poisoned((6 * N + 5,), torch.float32, device)
+    best_big = torch.full((N + 3,), -7, dtype=torch.int64, device=device)
+    opts = dict(ignore_index=-100, label_smoothing=0.1, softcap=softcap)
+    part, best = vpk.vocab_parallel_fwd(x, t, shard, with_stats=True,
+                                        out=(big[:6 * N].view(6, N), best_big[:N]), **opts)
+    ref, ref_best = vp._torch_fwd(x.double(), t, shard, with_stats=True, **opts)
+    assert big[6 * N:].isnan().all() and (best_big[N:] == -7).all(), "a write past the outputs"
+    assert part.data_ptr() == big.data_ptr() and best.data_ptr() == best_big.data_ptr()
+    for row in range(5):  # m_r, z_c, s_r, B_r, T_r: fp32 arithmetic on the same values
+        assert rel_err(part[row], ref[row]) <= TOL[torch.float32], row
+    assert torch.equal(part[vpk.ROW_XMAX], ref[vpk.ROW_XMAX].float())  # a logit, exactly
+    assert torch.equal(best, ref_best)
+    expected = [11 + int(x[0].float().argmax()), 11 + 3, vpk.NO_ARGMAX, vpk.NO_ARGMAX,
+                11 + W - 1, 11 + int(x[5].float().argmax())]
+    assert best.tolist() == expected
+    assert vpk.NO_ARGMAX == vp.NO_ARGMAX
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

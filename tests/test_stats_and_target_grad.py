@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from helpers import DTYPES, TOL, assert_close
+from helpers import DTYPES, TOL, assert_close, expected_stats
 
 import softmax_ce_gpu as sc
 
@@ -23,27 +23,8 @@ def _logits(N, V, dtype, scale=3.0):
     return (torch.randn(N, V, device=DEVICE) * scale).to(dtype)
 
 
-def _expected_stats(x, t, *, softcap=None, ignore_index=-100):
-    """lse, entropy, correct in float64 from torch, with the kernels' conventions."""
-    x64 = x.double()
-    z = x64 if softcap is None else torch.where(x64 == -INF, x64, softcap * torch.tanh(x64 / softcap))
-    lse = torch.logsumexp(z, dim=1)
-    logp = torch.log_softmax(z, dim=1)
-    p = logp.exp()
-    entropy = -torch.where(p == 0, torch.zeros_like(p), p * logp).sum(dim=1)
-    best = x.argmax(dim=1)
-    if t.is_floating_point():
-        valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        correct = best == t.argmax(dim=1)
-    else:
-        valid = t != ignore_index
-        correct = valid & (best == t)
-    nan = torch.full_like(lse, float("nan"))
-    return torch.where(valid, lse, nan), torch.where(valid, entropy, nan), correct
-
-
 def _check_stats(stats, x, t, dtype, **kw):
-    lse, entropy, correct = _expected_stats(x, t, **kw)
+    lse, entropy, correct = expected_stats(x, t, **kw)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert stats.lse.dtype == stats.entropy.dtype == acc and stats.correct.dtype == torch.bool
     assert_close(stats.lse, lse, torch.float32 if acc == torch.float32 else torch.float64)
