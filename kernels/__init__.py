@@ -31,12 +31,21 @@ else:
     from .reduction import loss_reduce, loss_scale
     from .softmax import softmax_bwd, softmax_fwd
 
+    import functools
+
+    @functools.lru_cache(maxsize=None)
+    def _sm_count(index):
+        import torch
+
+        return torch.cuda.get_device_properties(index).multi_processor_count
+
     def _resident_programs(device):
         """A lower bound of the programs of one launch the device holds at once: its SMs."""
         if device.type == "cuda":
             import torch
 
-            return torch.cuda.get_device_properties(device).multi_processor_count
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return _sm_count(index)
         return None  # the interpreter: the single path's exchange runs as two launches
 
     def cross_entropy_fwd(logits, target, weight, *, grad=None, **kw):

@@ -99,6 +99,8 @@ PHASE_SINGLE = tl.constexpr(SINGLE)    # the GPU kernel: publish, wait, combine,
 PHASE_PUBLISH = tl.constexpr(PUBLISH)  # interpreter, launch 1: load, partials, publish, carry out
 PHASE_FINISH = tl.constexpr(FINISH)    # interpreter, launch 2: carry in, combine, write
 
+_MIN_BLOCK_K = 32
+
 # fields of one segment's partials (NUM_FIELDS = 2 without a dense target, 4 with one)
 _F_M = tl.constexpr(0)
 _F_S = tl.constexpr(1)
@@ -231,7 +233,7 @@ def _cross_entropy_single_kernel(
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     SEGMENT: tl.constexpr,     # columns per program, a power of two
-    BLOCK_K: tl.constexpr,     # next power of two >= K
+    BLOCK_K: tl.constexpr,     # a power of two >= K (>= 32), 1 when K = 1 (no exchange)
     NUM_FIELDS: tl.constexpr,  # fp32 partials per segment
     PHASE: tl.constexpr,       # PHASE_SINGLE, or PHASE_PUBLISH then PHASE_FINISH
 ):
@@ -404,7 +406,10 @@ def cross_entropy_single_fwd(logits, target, weight, *, ignore_index, label_smoo
             grad.stride(0), grad.stride(1),
             V, K,
             ignore_index, float(label_smoothing), float(z_loss), _softcap_arg(softcap))
-    meta = dict(SEGMENT=segment, BLOCK_K=triton.next_power_of_2(K), NUM_FIELDS=num_fields,
+    # the partials are loaded as one block of at least 32 lanes (masked past K), so that the
+    # goal vocabularies share a compiled kernel (K = 4 to 32; 64 lanes: more registers)
+    block_k = 1 if K == 1 else max(_MIN_BLOCK_K, triton.next_power_of_2(K))
+    meta = dict(SEGMENT=segment, BLOCK_K=block_k, NUM_FIELDS=num_fields,
                 num_warps=num_warps, **flags)
     if K > 1 and INTERPRETER:
         # programs run one after another here: publish in one launch, finish in a second
