@@ -15,6 +15,8 @@ from helpers import DTYPES, assert_close, rel_err
 import softmax_ce_gpu as sc
 
 REDUCTIONS = ("mean", "sum", "none")
+# these tests reach the fused forward through autograd only (conftest.py: fused_by_autograd)
+pytestmark = pytest.mark.fused_by_autograd
 
 
 def make_case(N, V, dtype, *, target="class", ignore=False, weight=False, scale=3.0):

@@ -112,8 +112,10 @@ def _opt_id(o):
     return "-".join(f"{k}={v}" for k, v in o.items())
 
 
+# the reduction only changes the gradient's scale (and 'none' the host's sum): two suffice,
+# test_segment_boundaries runs all three
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("opts", CLASS_OPTIONS, ids=_opt_id)
 def test_class_target_options(single, dtype, reduction, opts):
     opts = dict(opts)
@@ -126,7 +128,7 @@ def test_class_target_options(single, dtype, reduction, opts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("opts", [
     dict(),
     dict(kind="prob_unnorm", weight=True),
