@@ -6,8 +6,10 @@ S, loss, dl/dz, softcap's chain rule); this file changes only who reads what, an
 A row of V logits is split into K = ceil(V / SEGMENT) segments of SEGMENT columns, one
 program each. A program loads its segment once (one tl.load: every thread loads its
 share once, no loop) and keeps it in registers: z in fp32, with softcap also dz/dx,
-with a dense target (label smoothing, probability targets) also a. From them it computes
-its segment's partial statistics, exactly what a lane of the two-sweep kernel keeps:
+with probability targets also the dense target a (with class ids and label smoothing a
+is (e / V) w_j, loaded again after the wait from the class weights, which L2 holds for
+all rows). From them it computes its segment's partial statistics, exactly what a lane
+of the two-sweep kernel keeps:
 
     m_k = max of z over the segment (-FLT_MAX when it has no finite logit)
     s_k = d_k - 1,  d_k = sum exp(z_j - m_k)   (-1 when empty: d_k = 0)
@@ -34,7 +36,8 @@ the newest row can hold programs that wait for programs not yet started, at most
 of them. If the device can hold R >= K programs at once, the R resident programs cannot
 all be waiting on that row, so a slot frees (or is free) and the next ticket is taken.
 Hence K <= the resident capacity suffices; the tuning caps K at the SM count (every
-compiled kernel fits at least one program per SM).
+compiled kernel fits at least one program per SM). Kernels running at the same time on
+other streams take slots too; the argument holds as long as they end on their own.
 
 Memory ordering. Partials are written with plain stores, then the row's counter is
 incremented with an atomic of release semantics (gpu scope), which orders the stores
@@ -46,9 +49,10 @@ modifier .cg (L2, bypassing L1) so that no stale L1 line can be seen. Triton iss
 scalar atomic and scalar stores from one thread and broadcasts the atomic's result
 through shared memory behind a bar.sync, so the stores, the release and the acquire
 are in one thread's program order, and the barrier orders the acquire before the other
-threads' loads. Every load of a row's logits precedes its program's release; a program writes
-its gradient only after its acquire has seen all K releases of the row: so the
-gradient may overwrite the logits (inplace_backward).
+threads' loads (the SASS shows MEMBAR.GPU before the add and CCTL.IVALL, an L1
+invalidation, after each acquire). Every load of a row's logits precedes its program's
+release; a program writes its gradient only after its acquire has seen all K releases
+of the row: so the gradient may overwrite the logits (inplace_backward).
 
 Ignored rows: every program of the row sees it in the target, reads none of the row
 (its loads are masked off), stores zeros and takes no part in the exchange (nobody
@@ -66,18 +70,17 @@ Bytes per row, b = element size of the logits, class-index targets:
     fused forward (loss + gradient)   reads V b once, writes V b once; plus, per segment,
                                       NUM_FIELDS fp32 partials written and the row's K
                                       partials read (K * NUM_FIELDS * 4 * (1 + K) bytes
-                                      a row) and two 4-byte atomics on the row's counter
-                                      (more while it spins)
+                                      a row), a 4-byte atomic on the ticket and one on
+                                      the row's counter (and a 4-byte load per spin)
 
-Probability targets add one read of the row of t, class weights with a dense target one
-read of w (from L2).
+Probability targets add one read of the row of t (and of w with class weights); class
+weights with class ids and label smoothing two reads of w (from L2: V values for all rows).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from . import cross_entropy as _two_sweep
 from ._compat import INTERPRETER
 from .cross_entropy import (
     _FLT_MAX,
@@ -185,22 +188,22 @@ def _combine(part_ptr, row, K, NUM_FIELDS: tl.constexpr, DENSE: tl.constexpr,
 
 @triton.jit
 def _carry(carry_ptr, ticket, z, dz, a, STORE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-           DENSE: tl.constexpr, SEGMENT: tl.constexpr):
+           KEEP_A: tl.constexpr, SEGMENT: tl.constexpr):
     """Interpreter only: store (STORE) or load the registers a program keeps across the wait."""
-    NV: tl.constexpr = 1 + HAS_SOFTCAP + DENSE
+    NV: tl.constexpr = 1 + HAS_SOFTCAP + KEEP_A
     offs = tl.arange(0, SEGMENT)
     base = carry_ptr + ticket.to(tl.int64) * (NV * SEGMENT)
     if STORE:
         tl.store(base + offs, z)
         if HAS_SOFTCAP:
             tl.store(base + SEGMENT + offs, dz)
-        if DENSE:
+        if KEEP_A:
             tl.store(base + (NV - 1) * SEGMENT + offs, a)
     else:
         z = tl.load(base + offs)
         if HAS_SOFTCAP:
             dz = tl.load(base + SEGMENT + offs)
-        if DENSE:
+        if KEEP_A:
             a = tl.load(base + (NV - 1) * SEGMENT + offs)
     return z, dz, a
 
@@ -220,7 +223,7 @@ def _cross_entropy_single_kernel(
     part_ptr,        # (N, K, NUM_FIELDS) fp32 scratch: the segments' partials (K > 1)
     count_ptr,       # (1 + N,) int32 scratch, zero on entry: [0] the ticket counter,
                      # [1 + r] the segments of row r published so far (K > 1)
-    carry_ptr,       # (N K, (1 + HAS_SOFTCAP + DENSE) SEGMENT) fp32: interpreter only
+    carry_ptr,       # (N K, (1 + HAS_SOFTCAP + PROB_TARGET) SEGMENT) fp32: interpreter only
     # strides (in elements)
     stride_x_row, stride_x_col,
     stride_t_row, stride_t_col,
@@ -240,6 +243,10 @@ def _cross_entropy_single_kernel(
     """Per-row loss, max, log d and S, and the row's gradient times *grad_scale, each
     logit read once (see the module doc for the exchange and why it cannot deadlock)."""
     DENSE: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+    # a dense target is held across the wait only for probability targets (a row of t in
+    # HBM); with class ids it is (e / V) w_j, reloaded afterwards from the class weights
+    # (V values shared by all rows, in L2) rather than kept in registers
+    KEEP_A: tl.constexpr = PROB_TARGET
     SPLIT: tl.constexpr = BLOCK_K > 1
     if SPLIT and PHASE != PHASE_FINISH:
         ticket = tl.atomic_add(count_ptr, 1, sem="relaxed")
@@ -274,7 +281,7 @@ def _cross_entropy_single_kernel(
     dz = 1.0
     a = 0.0
     if PHASE == PHASE_FINISH:
-        z, dz, a = _carry(carry_ptr, ticket, 0.0, 0.0, 0.0, False, HAS_SOFTCAP, DENSE, SEGMENT)
+        z, dz, a = _carry(carry_ptr, ticket, 0.0, 0.0, 0.0, False, HAS_SOFTCAP, KEEP_A, SEGMENT)
     else:
         z, dz = _load_z(x_row_ptr, cols, to_read, stride_x_col, softcap, HAS_SOFTCAP)
         if DENSE:
@@ -306,7 +313,7 @@ def _cross_entropy_single_kernel(
                     _wait(count_ptr, row, K, arrived)
                     m, s, A, B = _combine(part_ptr, row, K, NUM_FIELDS, DENSE, BLOCK_K)
         if PHASE == PHASE_PUBLISH:
-            _carry(carry_ptr, ticket, z, dz, a, True, HAS_SOFTCAP, DENSE, SEGMENT)
+            _carry(carry_ptr, ticket, z, dz, a, True, HAS_SOFTCAP, KEEP_A, SEGMENT)
 
     if PHASE != PHASE_PUBLISH:
         # s = -1 (d = 0): no finite logit in the row (or an ignored row); its max is -inf
@@ -334,6 +341,9 @@ def _cross_entropy_single_kernel(
             tl.store(s_ptr + row, S)
         # p_j = exp2((z_j - m) log2 e - log d log2 e), as in the two-sweep kernel
         p = tl.math.exp2((z - m) * _LOG2E - logd * _LOG2E)
+        if DENSE and not KEEP_A:
+            a = _dense_target(t_row_ptr, weight_ptr, cols, to_read, stride_t_col,
+                              label_smoothing, V, HAS_WEIGHT, PROB_TARGET)
         if DENSE:
             g = (p * coef_p - a) * scale
         else:
@@ -411,9 +421,14 @@ def cross_entropy_single_fwd(logits, target, weight, *, ignore_index, label_smoo
     block_k = 1 if K == 1 else max(_MIN_BLOCK_K, triton.next_power_of_2(K))
     meta = dict(SEGMENT=segment, BLOCK_K=block_k, NUM_FIELDS=num_fields,
                 num_warps=num_warps, **flags)
+    if flags["HAS_SOFTCAP"] or dense:
+        # more per element in registers: cap them at what lets two programs share an SM
+        # (left alone, triton 3.6's ptxas took 75 for fp32 with every option); the plain
+        # kernel is left to ptxas, which a cap makes spend it (40 -> 59 on triton 3.9)
+        meta["maxnreg"] = min(255, 65536 // (2 * 32 * num_warps))
     if K > 1 and INTERPRETER:
         # programs run one after another here: publish in one launch, finish in a second
-        nv = 1 + flags["HAS_SOFTCAP"] + dense
+        nv = 1 + flags["HAS_SOFTCAP"] + flags["PROB_TARGET"]
         carry = torch.empty(N * K * nv * segment, dtype=torch.float32, device=dev)
         for phase in (PUBLISH, FINISH):
             _cross_entropy_single_kernel[(N * K,)](*args, carry, *rest, PHASE=phase, **meta)

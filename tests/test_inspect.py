@@ -200,9 +200,10 @@ def test_single_pass_kernel_is_compiled_for_every_goal_configuration(inspected):
 def test_single_pass_kernel_loads_its_segment_once(inspected):
     """Each thread's share of the segment is loaded exactly once: the static LDG.128 count
     per thread times 16 bytes times the threads is the segment's bytes (logits, plus the
-    target row for probabilities, plus the class weights with a dense target), no LDG.128
-    sits inside a loop (the only loop is the spin on the row's counter), and the gradient
-    is stored in as many STG.128. No local memory, no spills; registers leave at least two
+    target row and the class weights for probabilities; with class ids and label smoothing
+    the class weights twice, before and after the wait, from L2, rather than held in
+    registers), no LDG.128 sits inside a loop (the only loop is the spin on the row's
+    counter), and the gradient is stored in as many STG.128. No local memory, no spills; registers leave at least two
     programs per SM, and K stays within the 132 SMs of an H200 (108 of an A100)."""
     checked = 0
     for r in _single_records(inspected[0]):
@@ -210,9 +211,9 @@ def test_single_pass_kernel_loads_its_segment_once(inspected):
         f, b = r["flags"], r["element_bytes"]
         per_column = b["logits"]
         if f["PROB_TARGET"]:
-            per_column += b["target"]
-        if f["HAS_WEIGHT"] and (f["PROB_TARGET"] or f["HAS_SMOOTHING"]):
-            per_column += b["weight"]
+            per_column += b["target"] + (b["weight"] if f["HAS_WEIGHT"] else 0)
+        elif f["HAS_WEIGHT"] and f["HAS_SMOOTHING"]:
+            per_column += 2 * b["weight"]
         assert r["ldg128"] * 16 * threads == r["segment"] * per_column, r
         assert r["stg128"] * 16 * threads == r["segment"] * b["grad"], r
         assert r["ldg128_in_loops"] == 0 and r["loops"] <= 1, r
