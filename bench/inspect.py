@@ -4,8 +4,10 @@ Two instruments, both described in DESIGN.md section 5:
 
 - compiled code (default): every kernel configuration the dispatcher can
   choose is compiled ahead of time for sm_90 and sm_80 (bench/aot.py), and its
-  SASS is read: registers, spills, local memory, and the widths of the global
-  loads and stores. ``--json FILE`` writes one record per compiled kernel,
+  SASS is read: registers (and the programs per SM they allow), spills, local
+  memory, the widths of the global loads and stores, and how many 16-byte loads
+  sit inside a loop. The single-pass kernel's records (path "single") add
+  ``segment`` (columns per program, BLOCK in the table) and K (programs per row). ``--json FILE`` writes one record per compiled kernel,
   ``--dump DIR`` each kernel's cubin and SASS.
 - ``--bytes``: the bytes each path reads and writes per logit, counted lane by
   lane under Triton's interpreter (bench/byte_count.py), next to torch eager's
@@ -77,9 +79,10 @@ def compile_records(vocabs, dtypes, archs, option_sets, jobs, dump_dir):
 
 
 _COLUMNS = [  # (header, key, width)
-    ("path", "path", 5), ("options", "options", 9), ("dtype", "dtype", 8), ("V", "V", 6),
-    ("arch", "arch", 4), ("BLOCK", "block", 5), ("warps", "num_warps", 5),
-    ("regs", "registers", 4), ("spill", "spills", 5), ("local", "local_bytes", 5),
+    ("path", "path", 6), ("options", "options", 9), ("dtype", "dtype", 8), ("V", "V", 6),
+    ("arch", "arch", 4), ("BLOCK", "block", 5), ("K", "K", 3), ("warps", "num_warps", 5),
+    ("regs", "registers", 4), ("/SM", "programs_per_sm", 3), ("spill", "spills", 5),
+    ("local", "local_bytes", 5),
     ("ldg128", "ldg128", 6), ("ldg<128", "ldg_other", 7), ("stg128", "stg128", 6),
     ("stg<128", "stg_other", 7),
 ]
@@ -88,7 +91,7 @@ _COLUMNS = [  # (header, key, width)
 def format_records(records):
     lines = ["  ".join(h.rjust(w) for h, _, w in _COLUMNS)]
     for r in records:
-        lines.append("  ".join(str(r[k]).rjust(w) for _, k, w in _COLUMNS))
+        lines.append("  ".join(str(r.get(k, "")).rjust(w) for _, k, w in _COLUMNS))
     return "\n".join(lines)
 
 
