@@ -269,6 +269,7 @@ def test_backend_choice():
         assert _backend.backend_for("f", x) is _backend.kernels
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (host-sync detection)")
 def test_no_host_sync_on_cuda():
     x, t, w = make_case(64, 4096, torch.bfloat16, weight=True, ignore=True)
