@@ -93,6 +93,7 @@ from .cross_entropy import (
     _log1p,
     _sparse_target,
     _target_strides,
+    softcap_scalar,
 )
 from .tuning import single_config
 
@@ -231,7 +232,7 @@ def _cross_entropy_single_kernel(
     # sizes
     V, K,            # K = ceil(V / SEGMENT) programs per row; the grid is N K
     # runtime scalars
-    ignore_index, label_smoothing, z_loss, softcap,
+    ignore_index, label_smoothing, z_loss, inv_softcap,  # inv_softcap: 1/c (softcap_scalar)
     # constexprs
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -283,7 +284,7 @@ def _cross_entropy_single_kernel(
     if PHASE == PHASE_FINISH:
         z, dz, a = _carry(carry_ptr, ticket, 0.0, 0.0, 0.0, False, HAS_SOFTCAP, KEEP_A, SEGMENT)
     else:
-        z, dz = _load_z(x_row_ptr, cols, to_read, stride_x_col, softcap, HAS_SOFTCAP)
+        z, dz = _load_z(x_row_ptr, cols, to_read, stride_x_col, inv_softcap, HAS_SOFTCAP)
         if DENSE:
             a = _dense_target(t_row_ptr, weight_ptr, cols, to_read, stride_t_col,
                               label_smoothing, V, HAS_WEIGHT, PROB_TARGET)
@@ -369,11 +370,6 @@ def _cross_entropy_single_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _softcap_arg(softcap):
-    """The runtime scalar _load_z takes for ``softcap``: the two-sweep launcher's own rule."""
-    return float(softcap or 1.0)
-
-
 def plan(V, element_size, flags):
     """(SEGMENT, num_warps, K) of a row of V logits with the option flags of _flags."""
     segment, num_warps = single_config(V, element_size, **flags)
@@ -415,7 +411,7 @@ def cross_entropy_single_fwd(logits, target, weight, *, ignore_index, label_smoo
     rest = (logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
             grad.stride(0), grad.stride(1),
             V, K,
-            ignore_index, float(label_smoothing), float(z_loss), _softcap_arg(softcap))
+            ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap))
     # the partials are loaded as one block of at least 32 lanes (masked past K), so that the
     # goal vocabularies share a compiled kernel (K = 4 to 32; 64 lanes: more registers)
     block_k = 1 if K == 1 else max(_MIN_BLOCK_K, triton.next_power_of_2(K))

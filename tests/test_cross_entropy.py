@@ -280,6 +280,7 @@ def test_ignore_index_inside_vocabulary():
                    torch.zeros(3, device=DEVICE)) == 0.0
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, weight=True, ignore=True),
