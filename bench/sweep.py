@@ -79,7 +79,7 @@ def sweep(shapes, dtype, paths=("two-sweep", "single"), device="cuda"):
                     plans.append(("single", segment, warps, (segment, warps) == tuple(today)))
         for path, block, warps, is_today in plans:
             if path == "two-sweep":
-                ce_kernels.row_config = lambda V, es, heavy=False, b=block, w=warps: (b, w)
+                ce_kernels.row_config = lambda *args, b=block, w=warps, **kw: (b, w)
                 ctx = tuning.use_fused_path("two-sweep")
             else:
                 ctx = tuning.use_fused_path("single", segment=block, num_warps=warps)

@@ -51,13 +51,16 @@ else:
     def cross_entropy_fwd(logits, target, weight, *, grad=None, **kw):
         """The forward launcher (kernels/cross_entropy.py's contract). With ``grad`` (the
         fused loss + gradient) it runs the path tuning.fused_path picks: the single-pass
-        kernel of kernels/cross_entropy_single.py, or the two-sweep kernel."""
-        if grad is not None:
+        kernel of kernels/cross_entropy_single.py, or the two-sweep kernel, which also
+        takes every call with per-row statistics (with_stats) or a target gradient."""
+        if (grad is not None and not kw.get("with_stats") and kw.get("dtarget") is None
+                and tuning.single_requested()):
             flags = _flags(target, weight, kw["label_smoothing"], kw["z_loss"], kw["softcap"])
             V = logits.shape[1]
             if tuning.fused_path(V, logits.element_size(), flags,
                                  _resident_programs(logits.device)) == "single":
-                return cross_entropy_single_fwd(logits, target, weight, grad=grad, **kw)
+                rest = {k: v for k, v in kw.items() if k not in ("with_stats", "dtarget")}
+                return cross_entropy_single_fwd(logits, target, weight, grad=grad, **rest)
         return _two_sweep_fwd(logits, target, weight, grad=grad, **kw)
 
     __all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_single_fwd",

@@ -215,10 +215,8 @@ def _cross_entropy_single_kernel(
     logits_ptr,      # (N, V) fp32/bf16/fp16
     target_ptr,      # (N,) integer class ids, or (N, V) float probabilities if PROB_TARGET
     weight_ptr,      # (V,) class weights, read if HAS_WEIGHT
-    loss_ptr,        # (N,) fp32 out: per-row loss
-    max_ptr,         # (N,) fp32 out: per-row max m of z
-    logd_ptr,        # (N,) fp32 out: per-row log d; lse = m + log d
-    s_ptr,           # (N,) fp32 out: per-row S = sum of the target weights
+    stats_ptr,       # (4, N) fp32 out, rows stride_stats apart: per-row loss, max m of z,
+                     # log d (lse = m + log d) and S = sum of the target weights
     grad_ptr,        # (N, V) logits dtype out: grad_scale * dl/dx (may alias logits)
     grad_scale_ptr,  # () fp32: factor of the gradient (1 / denominator for 'mean')
     part_ptr,        # (N, K, NUM_FIELDS) fp32 scratch: the segments' partials (K > 1)
@@ -229,6 +227,7 @@ def _cross_entropy_single_kernel(
     stride_x_row, stride_x_col,
     stride_t_row, stride_t_col,
     stride_g_row, stride_g_col,
+    stride_stats,
     # sizes
     V, K,            # K = ceil(V / SEGMENT) programs per row; the grid is N K
     # runtime scalars
@@ -336,10 +335,10 @@ def _cross_entropy_single_kernel(
                 loss += tl.where(valid, B + A * logd, 0.0)
             if HAS_Z_LOSS:
                 loss += tl.where(valid, z_loss * lse * lse, 0.0)
-            tl.store(loss_ptr + row, loss)
-            tl.store(max_ptr + row, m)
-            tl.store(logd_ptr + row, logd)
-            tl.store(s_ptr + row, S)
+            tl.store(stats_ptr + row, loss)
+            tl.store(stats_ptr + stride_stats + row, m)
+            tl.store(stats_ptr + 2 * stride_stats + row, logd)
+            tl.store(stats_ptr + 3 * stride_stats + row, S)
         # p_j = exp2((z_j - m) log2 e - log d log2 e), as in the two-sweep kernel
         p = tl.math.exp2((z - m) * _LOG2E - logd * _LOG2E)
         if DENSE and not KEEP_A:
@@ -377,24 +376,25 @@ def plan(V, element_size, flags):
 
 
 def cross_entropy_single_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss,
-                             softcap, grad, grad_scale):
+                             softcap, grad, grad_scale, stats=None):
     """Per-row loss, max, log d and S of 2-D logits, and the fused gradient, in one pass.
 
     Preconditions: as kernels.cross_entropy.cross_entropy_fwd with a gradient (grad an
     (N, V) tensor of the logits' dtype, possibly the logits themselves; grad_scale a ()
-    fp32 tensor); N >= 1; and K = ceil(V / SEGMENT) at most the programs the device can
-    hold at once (kernels.tuning.fused_path checks it).
+    fp32 tensor), without its statistics and target gradient (with_stats, dtarget);
+    N >= 1; and K = ceil(V / SEGMENT) at most the programs the device can hold at once
+    (kernels.tuning.fused_path checks it). stats: None, or a (4, N) fp32 tensor with unit
+    column stride to write the per-row outputs into.
 
-    Returns four (N,) fp32 tensors: loss, max, log d, S. The only allocation besides
-    them is the exchange's scratch, N K NUM_FIELDS + N + 1 words, zeroed (none for K = 1);
-    under the interpreter also the carry buffer between its two launches.
+    Returns the (4, N) fp32 stats whose rows are the per-row loss, max, log d and S. The
+    only allocation besides them is the exchange's scratch, N K NUM_FIELDS + N + 1 words,
+    zeroed (none for K = 1); under the interpreter also the carry buffer between its two
+    launches.
     """
     N, V = logits.shape
     dev = logits.device
-    loss = torch.empty(N, dtype=torch.float32, device=dev)
-    row_max = torch.empty(N, dtype=torch.float32, device=dev)
-    row_logd = torch.empty(N, dtype=torch.float32, device=dev)
-    row_s = torch.empty(N, dtype=torch.float32, device=dev)
+    if stats is None:
+        stats = torch.empty(4, N, dtype=torch.float32, device=dev)
     flags = _flags(target, weight, label_smoothing, z_loss, softcap)
     segment, num_warps, K = plan(V, logits.element_size(), flags)
     dense = flags["PROB_TARGET"] or flags["HAS_SMOOTHING"]
@@ -404,12 +404,12 @@ def cross_entropy_single_fwd(logits, target, weight, *, ignore_index, label_smoo
         part = scratch[:N * K * num_fields].view(torch.float32)
         count = scratch[N * K * num_fields:]  # [0]: tickets, [1 + r]: row r's counter
     else:
-        part = count = row_s  # not touched: no exchange
+        part = count = stats  # not touched: no exchange
     stride_t_row, stride_t_col = _target_strides(target)
-    args = (logits, target, weight if weight is not None else row_s, loss, row_max, row_logd,
-            row_s, grad, grad_scale, part, count)
+    args = (logits, target, weight if weight is not None else stats, stats, grad, grad_scale,
+            part, count)
     rest = (logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
-            grad.stride(0), grad.stride(1),
+            grad.stride(0), grad.stride(1), stats.stride(0),
             V, K,
             ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap))
     # the partials are loaded as one block of at least 32 lanes (masked past K), so that the
@@ -429,5 +429,5 @@ def cross_entropy_single_fwd(logits, target, weight, *, ignore_index, label_smoo
         for phase in (PUBLISH, FINISH):
             _cross_entropy_single_kernel[(N * K,)](*args, carry, *rest, PHASE=phase, **meta)
     else:
-        _cross_entropy_single_kernel[(N * K,)](*args, row_s, *rest, PHASE=SINGLE, **meta)
-    return loss, row_max, row_logd, row_s
+        _cross_entropy_single_kernel[(N * K,)](*args, stats, *rest, PHASE=SINGLE, **meta)
+    return stats

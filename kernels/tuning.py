@@ -119,6 +119,12 @@ def requested_fused_path() -> str:
     return path
 
 
+def single_requested() -> bool:
+    """Whether the path asked for (requested_fused_path) is the single-pass one."""
+    path = requested_fused_path()
+    return path == "single" or (path == "auto" and AUTO_SINGLE)
+
+
 def single_config(V: int, element_size: int, *, HAS_WEIGHT=False, PROB_TARGET=False,
                   HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False) -> tuple:
     """(SEGMENT, num_warps) of the single-pass kernel for rows of V elements.
@@ -146,8 +152,7 @@ def fused_path(V: int, element_size: int, flags: dict, max_programs=None) -> str
     at once (None: no limit, as under the interpreter, which runs the exchange in two
     launches).
     """
-    path = requested_fused_path()
-    if path == "two-sweep" or (path == "auto" and not AUTO_SINGLE):
+    if not single_requested():
         return "two-sweep"
     segment, _ = single_config(V, element_size, **flags)
     if max_programs is not None and triton.cdiv(V, segment) > max_programs:

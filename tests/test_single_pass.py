@@ -150,6 +150,35 @@ def test_autograd_uses_the_single_path(single):
     assert single
 
 
+def test_statistics_and_target_gradients_take_the_two_sweep_path(monkeypatch):
+    """return_stats and a probability target that requires grad are not covered by the
+    single-pass kernel: asked for the single path, those calls take the two-sweep one (and
+    are right there); the same call without them takes the single path."""
+    taken = []
+    single, two_sweep = kernels.cross_entropy_single_fwd, kernels._two_sweep_fwd
+    monkeypatch.setattr(kernels, "cross_entropy_single_fwd",
+                        lambda *a, **k: taken.append("single") or single(*a, **k))
+    monkeypatch.setattr(kernels, "_two_sweep_fwd",
+                        lambda *a, **k: taken.append("two-sweep") or two_sweep(*a, **k))
+    x, t, _ = make_case(5, 257, torch.float32)
+    with tuning.use_fused_path("single", segment=SEGMENT):
+        loss, grad, stats = sc.cross_entropy_with_grad(x, t, return_stats=True)
+        assert taken == ["two-sweep"]
+        ref, x64 = reference(x, t)
+        ref.backward()
+        assert_close(loss, ref, torch.float32)
+        assert_close(grad, x64.grad, torch.float32)
+        assert_close(stats.lse, torch.logsumexp(x.double(), 1), torch.float32)
+        taken.clear()
+        sc.cross_entropy_with_grad(x, t)
+        assert taken == ["single"]
+        taken.clear()
+        p = torch.rand(5, 257, device=DEVICE).softmax(1).requires_grad_()
+        xg = x.clone().requires_grad_()
+        sc.cross_entropy(xg, p).backward()
+        assert taken == ["two-sweep"] and p.grad is not None and xg.grad is not None
+
+
 # ----------------------------------------------------------------------------- layouts
 
 
