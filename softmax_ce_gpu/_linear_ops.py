@@ -5,8 +5,9 @@ the gradient matmuls) is one op, so that torch.compile and torch.export see an o
 of known output shapes and never trace, or hold, the (N, V) logits: the C x V chunk buffer
 lives and dies inside the op.
 
-- linear_cross_entropy_fwd: the per-row stats (4, D, N) and, when the gradient is made in
-  forward ('mean'/'sum', not fp16), the three gradients of the reduced loss.
+- linear_cross_entropy_fwd: the per-row stats (4, D, N; 7 with the statistics of
+  CrossEntropyStats) and, when the gradient is made in forward ('mean'/'sum', not fp16),
+  the gradients of the reduced loss: input, linear weight, bias and probability target.
 - linear_cross_entropy_bwd: the late path's gradients (reduction 'none', fp16), recomputing
   each chunk's logits.
 - scale_flat_: a finished gradient times the upstream scalar, in place.
@@ -88,7 +89,9 @@ def _heads(x, lw, lb, t, D, prob):
 
 def _sweep(x, heads, V, chunk, need, ce_step):
     """Run every (head, chunk of rows): logits by a matmul, ce_step(k, r0, r1, logits), which
-    leaves dlogits in the logits buffer when a gradient is needed, then the gradient matmuls.
+    leaves dlogits in the logits buffer when a gradient of the linear's operands is needed
+    (need, of input, weight, bias; ce_step writes the target's gradient itself), then the
+    gradient matmuls.
 
     Returns (grad_input (N, H), grad_W (V, D, H) or (V, H), grad_b (V, D) or (V,)), each None
     when not needed; grad_W and grad_b in the accumulation dtype (fp32, fp64 for fp64).
@@ -133,20 +136,34 @@ def _sweep(x, heads, V, chunk, need, ce_step):
     return gi, gw, gb
 
 
-def _finish(grads, x, lw, lb):
-    """The accumulators cast once to the parameters' dtype, in their shapes; an empty tensor
-    for a gradient not made."""
+def _finish(grads, x, lw, lb, gt):
+    """The accumulators cast once to the parameters' dtype, in their shapes, and the target's
+    gradient gt; an empty tensor for a gradient not made."""
     gi, gw, gb = grads
     return (x.new_empty(0) if gi is None else gi.to(x.dtype),
             x.new_empty(0) if gw is None else gw.to(lw.dtype).reshape(lw.shape),
-            x.new_empty(0) if gb is None else gb.to(lb.dtype).reshape(lb.shape))
+            x.new_empty(0) if gb is None else gb.to(lb.dtype).reshape(lb.shape),
+            x.new_empty(0) if gt is None else gt)
 
 
-def _grads_like(x, lw, lb, need):
+def _grads_like(x, lw, lb, t, need):
     """Fake outputs of the gradients: what _finish returns, without data."""
     return (x.new_empty(x.shape if need[0] else (0,)),
             x.new_empty(lw.shape if need[1] else (0,)),
-            x.new_empty(lb.shape if need[2] else (0,)))
+            x.new_empty(lb.shape if need[2] else (0,)),
+            t.new_empty(t.shape if need[3] else (0,)))
+
+
+def _target_grad(t, D, need_target):
+    """(the probability target's gradient (N, V * D), its per-head (N, V) views), or
+    (None, [None] * D) when it is not needed."""
+    if not need_target:
+        return None, [None] * D
+    gt = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    if D == 1:
+        return gt, [gt]
+    g3 = gt.view(t.shape[0], -1, D)
+    return gt, [g3[:, :, k] for k in range(D)]
 
 
 def _chunk(chunk, x, lw, D):
@@ -160,34 +177,39 @@ def _linear_cross_entropy_fwd(
         x: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
         weight: Optional[Tensor], grad_scale: Tensor, heads: int, prob: bool,
         chunk: Optional[int], need_input: bool, need_weight: bool, need_bias: bool,
-        ignore_index: int, label_smoothing: float, z_loss: float,
-        softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(stats, grad_input, grad_weight, grad_bias) of the chunked forward.
+        need_target: bool, with_stats: bool, ignore_index: int, label_smoothing: float,
+        z_loss: float, softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(stats, grad_input, grad_weight, grad_bias, grad_target) of the chunked forward.
 
     x (N, H); linear_weight (V, d1, ..., dK, H) with heads = d1 * ... * dK (1 for (V, H));
     linear_bias None or linear_weight.shape[:-1]; target (N,) / (N, D) class ids or (N, V * D)
     probabilities (prob); weight None or (V,); grad_scale () the reduction's factor.
-    stats (4, D, N) in the accumulation dtype: per row and head the loss, max, log d, S.
+    stats (4, D, N) in the accumulation dtype: per row and head the loss, max, log d, S; (7,
+    D, N) with_stats: then lse, entropy, correct (kernels/cross_entropy.py).
     need_*: which gradients of the reduced loss (times grad_scale) to make in forward, each
-    of its parameter's shape and dtype (empty when not asked)."""
+    of its parameter's shape and dtype (empty when not asked); the probability target's
+    (need_target) is written by the kernel in the pass that writes the logits' gradient."""
     need = (need_input, need_weight, need_bias)
     with _autocast.off(x.device.type):
         backend = backend_for(_FN, x)
         N, V, D = x.shape[0], linear_weight.shape[0], heads
         hs = _heads(x, linear_weight, linear_bias, target, D, prob)
         # the kernel writes each chunk's rows of the stats in place
-        stats = torch.empty(4, D, N, dtype=acc_dtype(x), device=x.device)
+        stats = torch.empty(7 if with_stats else 4, D, N, dtype=acc_dtype(x), device=x.device)
         fuse = any(need)
+        gt, gt_heads = _target_grad(target, D, need_target)
 
         def ce_step(k, r0, r1, logits):
+            dt = gt_heads[k]
             backend.cross_entropy_fwd(logits, hs[k][2][r0:r1], weight,
                                       grad=logits if fuse else None, grad_scale=grad_scale,
                                       stats=stats[:, k, r0:r1], ignore_index=ignore_index,
                                       label_smoothing=label_smoothing, z_loss=z_loss,
-                                      softcap=softcap)
+                                      softcap=softcap, with_stats=with_stats,
+                                      dtarget=None if dt is None else dt[r0:r1])
 
         grads = _sweep(x, hs, V, _chunk(chunk, x, linear_weight, D), need, ce_step)
-        return (stats, *_finish(grads, x, linear_weight, linear_bias))
+        return (stats, *_finish(grads, x, linear_weight, linear_bias, gt))
 
 
 linear_cross_entropy_fwd = _ops._custom_op("linear_cross_entropy_fwd", _linear_cross_entropy_fwd,
@@ -196,35 +218,41 @@ linear_cross_entropy_fwd = _ops._custom_op("linear_cross_entropy_fwd", _linear_c
 
 @linear_cross_entropy_fwd.register_fake
 def _(x, linear_weight, linear_bias, target, weight, grad_scale, heads, prob, chunk, need_input,
-      need_weight, need_bias, ignore_index, label_smoothing, z_loss, softcap):
-    stats = x.new_empty(4, heads, x.shape[0], dtype=acc_dtype(x))
-    return (stats, *_grads_like(x, linear_weight, linear_bias,
-                                (need_input, need_weight, need_bias)))
+      need_weight, need_bias, need_target, with_stats, ignore_index, label_smoothing, z_loss,
+      softcap):
+    stats = x.new_empty(7 if with_stats else 4, heads, x.shape[0], dtype=acc_dtype(x))
+    return (stats, *_grads_like(x, linear_weight, linear_bias, target,
+                                (need_input, need_weight, need_bias, need_target)))
 
 
 def _linear_cross_entropy_bwd(
         x: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
         weight: Optional[Tensor], stats: Tensor, dloss: Tensor, grad_scale: Tensor, heads: int,
         prob: bool, chunk: Optional[int], need_input: bool, need_weight: bool, need_bias: bool,
-        ignore_index: int, label_smoothing: float, z_loss: float,
-        softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias) of the late path: dloss () or (N, D) per row and
-    head, stats the forward's (4, D, N); each chunk's logits are computed again."""
+        need_target: bool, ignore_index: int, label_smoothing: float, z_loss: float,
+        softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_target) of the late path: dloss () or (N, D)
+    per row and head, stats the forward's (4 or 7, D, N); each chunk's logits are computed
+    again."""
     need = (need_input, need_weight, need_bias)
     with _autocast.off(x.device.type):
         backend = backend_for(_FN, x)
         N, V, D = x.shape[0], linear_weight.shape[0], heads
         hs = _heads(x, linear_weight, linear_bias, target, D, prob)
         dl = dloss.expand(N, D) if dloss.dim() == 0 else dloss.reshape(N, D)
+        fuse = any(need)
+        gt, gt_heads = _target_grad(target, D, need_target)
 
         def ce_step(k, r0, r1, logits):
+            dt = gt_heads[k]
             backend.cross_entropy_bwd(logits, hs[k][2][r0:r1], weight, stats[:, k, r0:r1],
-                                      dl[r0:r1, k], grad_scale, logits,
+                                      dl[r0:r1, k], grad_scale, logits if fuse else None,
                                       ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                      z_loss=z_loss, softcap=softcap)
+                                      z_loss=z_loss, softcap=softcap,
+                                      dtarget=None if dt is None else dt[r0:r1])
 
         grads = _sweep(x, hs, V, _chunk(chunk, x, linear_weight, D), need, ce_step)
-        return _finish(grads, x, linear_weight, linear_bias)
+        return _finish(grads, x, linear_weight, linear_bias, gt)
 
 
 linear_cross_entropy_bwd = _ops._custom_op("linear_cross_entropy_bwd", _linear_cross_entropy_bwd,
@@ -233,8 +261,10 @@ linear_cross_entropy_bwd = _ops._custom_op("linear_cross_entropy_bwd", _linear_c
 
 @linear_cross_entropy_bwd.register_fake
 def _(x, linear_weight, linear_bias, target, weight, stats, dloss, grad_scale, heads, prob,
-      chunk, need_input, need_weight, need_bias, ignore_index, label_smoothing, z_loss, softcap):
-    return _grads_like(x, linear_weight, linear_bias, (need_input, need_weight, need_bias))
+      chunk, need_input, need_weight, need_bias, need_target, ignore_index, label_smoothing,
+      z_loss, softcap):
+    return _grads_like(x, linear_weight, linear_bias, target,
+                       (need_input, need_weight, need_bias, need_target))
 
 
 def _scale_flat_(grad: Tensor, dloss: Tensor) -> None:

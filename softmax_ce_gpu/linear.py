@@ -78,6 +78,7 @@ import torch
 
 from . import _autocast, _checks, _dispatch, _linear_ops, _ops
 from ._reduction import no_second_order, take_fused_grad
+from .loss import CrossEntropyStats
 
 _FN = "linear_cross_entropy"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -91,9 +92,10 @@ class _Spec:
     prob: bool
     heads: int                    # D = prod(out_features), 1 for a (V, H) weight
     chunk: Optional[int]          # rows per chunk; None: the default rule, at run time
-    need: Tuple[bool, bool, bool]  # gradients of input, linear_weight, linear_bias
+    need: Tuple[bool, bool, bool, bool]  # gradients of input, linear_weight, linear_bias, target
     retain: bool                  # allow a second backward through the fused path
     loss_dtype: torch.dtype       # the input's, fp32 for fp16/bf16 under autocast, or as asked
+    with_stats: bool = False      # the per-row statistics of CrossEntropyStats
 
 
 def _options(spec):
@@ -102,8 +104,9 @@ def _options(spec):
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Outputs: (loss, ...) with what backward needs, marked non-differentiable: the three
-    gradients (None where not needed) when fused, else the per-row stats and grad_scale.
+    """Outputs: (loss, stats, grad_scale, grad_input, grad_weight, grad_bias, grad_target), all
+    but the loss marked non-differentiable, None where not made: the four gradients when
+    fused, else (a gradient needed) grad_scale; stats (the per-row rows, (4 or 7, D, N)) always.
 
     The chunk loops are the custom ops of _linear_ops.py (one call in forward, one in the
     late backward), so torch.compile traces this Function around opaque calls."""
@@ -120,9 +123,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         scale = run(_ops.loss_scale, x, ids, weight, V, opts.ignore_index, mean, spec.prob, _FN)
         grad_scale = scale[1]
         fuse = _fused(spec, x)
-        need = spec.need if fuse else (False,) * 3
-        stats, gi, gw, gb = run(_linear_ops.linear_cross_entropy_fwd, x, lw, lb, t, weight,
-                                grad_scale, D, spec.prob, spec.chunk, *need, *_options(spec))
+        need = spec.need if fuse else (False,) * 4
+        stats, gi, gw, gb, gt = run(_linear_ops.linear_cross_entropy_fwd, x, lw, lb, t, weight,
+                                    grad_scale, D, spec.prob, spec.chunk, *need, spec.with_stats,
+                                    *_options(spec))
         loss_rows = stats[0]
         if opts.reduction == "none":
             # (N, D): row n, head k; a copy, never a view of the stats saved for backward
@@ -130,10 +134,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             loss = run(_ops.loss_reduce, loss_rows.reshape(-1), scale, mean, spec.loss_dtype)
         if fuse:
-            return (loss, *(g if n else None for g, n in zip((gi, gw, gb), need)))
-        if any(spec.need):
-            return loss, stats, grad_scale
-        return (loss,)
+            return (loss, stats, None,
+                    *(g if n else None for g, n in zip((gi, gw, gb, gt), need)))
+        return (loss, stats, grad_scale if any(spec.need) else None, None, None, None, None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -144,9 +147,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
         ctx.set_materialize_grads(False)
         if ctx.fused:
-            ctx.save_for_backward(output[0], *output[1:])
+            ctx.save_for_backward(output[0], *output[3:])
         elif any(spec.need):
-            ctx.save_for_backward(output[0], x, lw, lb, t, weight, *output[1:])
+            ctx.save_for_backward(output[0], x, lw, lb, t, weight, output[1], output[2])
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -156,20 +159,21 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         second_order = torch.is_grad_enabled()  # create_graph=True
         if ctx.fused:
             if second_order or spec.retain:  # out of place
-                loss, gi, gw, gb = ctx.saved_tensors
+                loss, gi, gw, gb, gt = ctx.saved_tensors
                 if second_order:
-                    return (*no_second_order(_FN, _SECOND_ORDER_HINT, loss, dloss, gi, gw, gb),
-                            None, None, None)
-                return (*(None if g is None else g * dloss for g in (gi, gw, gb)),
-                        None, None, None)
+                    gi, gw, gb, gt = no_second_order(_FN, _SECOND_ORDER_HINT, loss, dloss,
+                                                     gi, gw, gb, gt)
+                    return gi, gw, gb, gt, None, None
+                gi, gw, gb, gt = (None if g is None else g * dloss for g in (gi, gw, gb, gt))
+                return gi, gw, gb, gt, None, None
             # in place, once: the op declares its write (bumping the saved tensors' versions)
-            loss, gi, gw, gb = take_fused_grad(ctx, _FN, "compute the loss again, or pass "
-                                               "options with allow_retain_graph=True")
+            loss, gi, gw, gb, gt = take_fused_grad(ctx, _FN, "compute the loss again, or pass "
+                                                   "options with allow_retain_graph=True")
             run = _ops.runner(dloss)
-            for g in (gi, gw, gb):
+            for g in (gi, gw, gb, gt):
                 if g is not None and g.numel():
                     run(_linear_ops.scale_flat_, g, dloss)
-            return gi, gw, gb, None, None, None
+            return gi, gw, gb, gt, None, None
         loss, x, lw, lb, t, weight, stats, grad_scale = ctx.saved_tensors
         with torch.no_grad():
             grads = _ops.call(_linear_ops.linear_cross_entropy_bwd, x, lw, lb, t, weight, stats,
@@ -178,7 +182,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         grads = tuple(g if n else None for g, n in zip(grads, spec.need))
         if second_order:
             grads = no_second_order(_FN, _SECOND_ORDER_HINT, loss, None, *grads)
-        return (*grads, None, None, None)
+        return (*grads, None, None)
 
 
 def _fused(spec, x):
@@ -227,7 +231,7 @@ def _check_chunk(chunk_size, options):
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
-                         z_loss=0.0, softcap=None, chunk_size=None):
+                         z_loss=0.0, softcap=None, chunk_size=None, return_stats=False):
     """cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) in row chunks.
 
     Same arguments and results as torch.nn.functional.linear_cross_entropy (torch 2.13),
@@ -259,23 +263,28 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             rows with budget 64 MiB on CPU, and on CUDA a quarter of the free memory left
             after the gradient buffers, at most 512 MiB; rounded down to a multiple of 256,
             clamped to [256, 2048], then to N.
+        return_stats: False (default). True returns (loss, CrossEntropyStats(lse, entropy,
+            correct)), per row (and head) of the logits, from the same pass (see
+            cross_entropy); no extra pass over any chunk's logits.
 
     Returns: the loss, of the input's dtype: a scalar, or the per-row losses of shape
-    input.shape[:-1] (+ (d1, ..., dK)) for 'none'.
+    input.shape[:-1] (+ (d1, ..., dK)) for 'none'; with return_stats, (loss, stats).
 
-    Gradients flow to input, linear_weight and linear_bias. For 'mean'/'sum' they are made in
+    Gradients flow to input, linear_weight, linear_bias and a probability target that
+    requires grad (torch's d loss / d t, written by the kernel in the pass that writes the
+    chunk's dlogits). For 'mean'/'sum' they are made in
     forward and handed out once: a second backward through the same loss raises unless
     options.allow_retain_graph is True. Ignored rows still cost their matmul work (skipping
     them would need a host sync).
     """
     return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                  ignore_index, label_smoothing, options, z_loss, softcap,
-                                 chunk_size, loss_dtype=None)
+                                 chunk_size, loss_dtype=None, return_stats=return_stats)
 
 
 def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                           ignore_index, label_smoothing, options, z_loss, softcap, chunk_size, *,
-                          loss_dtype):
+                          loss_dtype, return_stats=False):
     """linear_cross_entropy, with the loss returned in loss_dtype (None: torch's rule, the
     input's dtype, fp32 for fp16/bf16 under autocast).
 
@@ -284,6 +293,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     loss, which upcasts the logits first, instead of a loss rounded to bf16.
     """
     _check_tensor("input", input)
+    _checks.check_bool(_FN, "return_stats", return_stats)
     if isinstance(linear_weight, torch.Tensor) and isinstance(linear_bias, (torch.Tensor, type(None))):
         # under torch.autocast, the operands of the linear as F.linear would see them
         input, linear_weight, linear_bias = _autocast.linear_operands(input, linear_weight,
@@ -324,9 +334,6 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         if ignore_index is not None:
             raise ValueError(f"{_FN}: argument 'ignore_index' ({ignore_index}) cannot be given "
                              "with probability targets (torch refuses it too); leave it None")
-        if target.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{_FN}: the gradient with respect to probability 'target' is not "
-                             "supported; pass target.detach()")
     else:
         if target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"{_FN}: argument 'target' must hold integer class ids or float "
@@ -348,14 +355,21 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     t = target.reshape(N, V * D) if prob else target.reshape((N, D) if D > 1 else (N,))
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and a is not None and a.requires_grad)
-                 for a in (input, linear_weight, linear_bias))
+                 for a in (input, linear_weight, linear_bias, t if prob else None))
     spec = _Spec(opts, prob, D, chunk_size, need,
                  bool(getattr(options, "allow_retain_graph", False)),
-                 _autocast.loss_dtype(input) if loss_dtype is None else loss_dtype)
-    loss = _dispatch.apply(_LinearCrossEntropyFunction, x, linear_weight, linear_bias, t, weight,
-                           spec)[0]
+                 _autocast.loss_dtype(input) if loss_dtype is None else loss_dtype, return_stats)
+    out = _dispatch.apply(_LinearCrossEntropyFunction, x, linear_weight, linear_bias, t, weight,
+                          spec)
+    loss = out[0]
     if opts.reduction == "none":
         loss = loss.reshape(batch + out_features)
+    if return_stats:
+        # rows 4-6 of the (7, D, N) stats: row n, head k -> the batch shape (+ out_features)
+        stats = out[1]
+        shape = batch + out_features
+        return loss, CrossEntropyStats(stats[4].t().reshape(shape), stats[5].t().reshape(shape),
+                                       (stats[6] != 0).t().reshape(shape))
     return loss
 
 

@@ -127,16 +127,23 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     loss = terms.sum(dim=1) + z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     S = y.sum(dim=1)
-    if grad is not None or dtarget is not None:
-        scale = grad_scale.to(acc).expand(logits.shape[0])
-    if grad is not None:
-        grad.copy_(_row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, _ids(target), coef_c))
-    if dtarget is not None:
-        dtarget.copy_(_target_grad(z, weight, scale, m, logd, label_smoothing, acc))
     rows = [loss, m, logd, S]
     if with_stats:
         rows += _row_extras(logits, z, target, valid, m, logd, lse)
     out = torch.stack(rows)  # in acc: fp32 (fp64 for fp64 logits), as the kernels
+    if grad is not None or dtarget is not None:
+        scale = grad_scale.to(acc).expand(logits.shape[0])
+        # everything that reads the logits (z is them for fp32/fp64) is computed before the
+        # gradient is written, which may overwrite them (grad is logits: in place)
+        g = dt = None
+        if grad is not None:
+            g = _row_grad(z, dz, y, valid, m, logd, S, z_loss, scale, _ids(target), coef_c)
+        if dtarget is not None:
+            dt = _target_grad(z, weight, scale, m, logd, label_smoothing, acc)
+        if dt is not None:
+            dtarget.copy_(dt)
+        if g is not None:
+            grad.copy_(g)
     return out if stats is None else stats.copy_(out)
 
 
@@ -149,11 +156,16 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
     y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
     scale = (dloss.to(acc) * grad_scale.to(acc)).expand(logits.shape[0])
     m, logd = stats[1].to(acc), stats[2].to(acc)
+    g = dt = None  # both computed before either is written: grad may be the logits (in place)
     if grad is not None:
-        grad.copy_(_row_grad(z, dz, y, valid, m, logd, stats[3].to(acc), z_loss, scale,
-                             _ids(target), coef_c))
+        g = _row_grad(z, dz, y, valid, m, logd, stats[3].to(acc), z_loss, scale, _ids(target),
+                      coef_c)
     if dtarget is not None:
-        dtarget.copy_(_target_grad(z, weight, scale, m, logd, label_smoothing, acc))
+        dt = _target_grad(z, weight, scale, m, logd, label_smoothing, acc)
+    if dt is not None:
+        dtarget.copy_(dt)
+    if g is not None:
+        grad.copy_(g)
     return grad
 
 

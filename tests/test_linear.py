@@ -46,14 +46,17 @@ def reference(x, lw, lb, t, w=None, *, reduction="mean", ignore_index=None, z_lo
     """F.linear + F.cross_entropy on leaves of `dtype` (z-loss, softcap from torch primitives):
     float64 copies for the reference, or the inputs' own dtype for what torch itself achieves.
 
-    Returns (loss, [input, linear_weight, linear_bias] leaves, None where absent).
+    Returns (loss, [input, linear_weight, linear_bias, target] leaves, None where absent:
+    the target is a leaf when it holds probabilities that require grad).
     """
     leaves = [None if a is None else a.detach().to(dtype).requires_grad_() for a in (x, lw, lb)]
     x64, lw64, lb64 = leaves
     V = lw.shape[0]
     prob = t.is_floating_point()
+    t_leaf = t.detach().to(dtype).requires_grad_() if prob and t.requires_grad else None
+    leaves.append(t_leaf)
     z = F.linear(x64, lw64, lb64).reshape(-1, V)
-    tt = t.to(dtype).reshape(-1, V) if prob else t.reshape(-1)
+    tt = (t_leaf if t_leaf is not None else t.to(dtype)).reshape(-1, V) if prob else t.reshape(-1)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     kw = dict(weight=None if w is None else w.to(dtype), label_smoothing=label_smoothing,
@@ -86,7 +89,7 @@ def check(x, lw, lb, t, w=None, *, dtype, **kw):
     up = (torch.rand_like(ref) + 0.5).to(loss.dtype)  # the same values reach both
     ref.backward(up.double())
     exact = [ref] + [None if a is None else a.grad for a in leaves]
-    slack = [0.0] * 4
+    slack = [0.0] * 5
     if dtype in (torch.float16, torch.bfloat16):
         own, own_leaves = reference(x, lw, lb, t, w, dtype=dtype, **opts)
         own.backward(up)
@@ -96,7 +99,7 @@ def check(x, lw, lb, t, w=None, *, dtype, **kw):
     err = rel_err(loss, ref)
     assert err <= slack[0] + TOL[dtype], ("loss", err, slack[0])
     loss.backward(up)
-    for ours, theirs, s in zip((x, lw, lb), exact[1:], slack[1:]):
+    for ours, theirs, s in zip((x, lw, lb, t), exact[1:], slack[1:]):
         if ours is not None and ours.requires_grad:
             assert ours.grad.dtype == ours.dtype and ours.grad.shape == ours.shape
             err = rel_err(ours.grad, theirs)
@@ -109,6 +112,7 @@ CASES = [
     dict(bias=True, ignore=True, weight=True),
     dict(label_smoothing=0.2, weight=True, ignore=True),
     dict(target="prob", bias=True, weight=True, label_smoothing=0.1),
+    dict(target="prob", tgrad=True, weight=True, label_smoothing=0.1),
     dict(z_loss=1e-3, softcap=4.0, bias=True, ignore=True),
 ]
 
@@ -121,7 +125,107 @@ def test_matches_torch(dtype, reduction, case):
     case = dict(case)
     make = {k: case.pop(k) for k in ("target", "ignore", "weight", "bias") if k in case}
     x, lw, lb, t, w = make_case(6, 20, 150, dtype, **make)
+    if case.pop("tgrad", False):
+        t.requires_grad_()
     check(x, lw, lb, t, w, dtype=dtype, reduction=reduction, chunk_size=4, **case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_target_gradient_alone_and_with_heads(dtype, reduction):
+    """Only the target requires grad (a trained teacher's distribution, frozen student head),
+    on every path (fused for fp32, late for fp16, fp64's reference backend); and a
+    K-dimensional head with probability targets, all gradients."""
+    x, lw, lb, t, w = make_case(5, 12, 40, dtype, target="prob", weight=True)
+    x.requires_grad_(False)
+    lw.requires_grad_(False)
+    t.requires_grad_()
+    check(x, lw, lb, t, w, dtype=dtype, reduction=reduction, chunk_size=2, label_smoothing=0.2)
+    assert x.grad is None and lw.grad is None and t.grad is not None
+    N, H, V = 4, 6, 11
+    x = torch.randn(N, H, device=DEVICE).to(dtype).requires_grad_()
+    lw = torch.randn(V, 2, H, device=DEVICE).to(dtype).requires_grad_()
+    p = torch.rand(N, V, 2, device=DEVICE).softmax(1).to(dtype).requires_grad_()
+    loss = linear_cross_entropy(x, lw, p, reduction=reduction, chunk_size=3)
+    leaves = [a.detach().double().requires_grad_() for a in (x, lw, p)]
+    ref = F.cross_entropy(torch.einsum("nh,vdh->nvd", leaves[0], leaves[1]), leaves[2],
+                          reduction=reduction)
+    up = torch.rand_like(ref) + 0.5
+    loss.backward(up.to(loss.dtype))
+    ref.backward(up)
+    assert_close(loss, ref, dtype)
+    for ours, theirs in zip((x, lw, p), leaves):
+        assert ours.grad.dtype == ours.dtype
+        assert_close(ours.grad, theirs.grad, dtype)
+
+
+def _expected_stats(z, t, ignore_index=-100, softcap=None):
+    """(lse, entropy, correct) of float64 logits z (N, V) against t, ignored rows NaN/False:
+    lse and entropy of the softcapped logits, the argmax of the logits themselves."""
+    zc = z if softcap is None else softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(zc, dim=1)
+    logp = torch.log_softmax(zc, dim=1)
+    entropy = -(logp.exp() * logp).sum(dim=1)
+    if t.is_floating_point():
+        valid = torch.ones_like(lse, dtype=torch.bool)
+        correct = z.argmax(dim=1) == t.argmax(dim=1)
+    else:
+        valid = t != ignore_index
+        correct = valid & (z.argmax(dim=1) == t)
+    nan = torch.full_like(lse, float("nan"))
+    return torch.where(valid, lse, nan), torch.where(valid, entropy, nan), correct
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("target", ["class", "prob"])
+def test_return_stats(dtype, reduction, target):
+    """CrossEntropyStats per row from the chunks' own pass; the loss and every gradient
+    bitwise those of the same call without statistics. lse and entropy are of the logits
+    as the kernel sees them (rounded to the dtype by the matmul, as F.linear rounds them),
+    compared with torch on float64 copies of those logits."""
+    x, lw, lb, t, w = make_case(9, 16, 70, dtype, target=target, ignore=target == "class",
+                                bias=True, weight=True)
+    kw = dict(linear_bias=lb, weight=w, reduction=reduction, chunk_size=4, softcap=5.0)
+    loss, stats = linear_cross_entropy(x, lw, t, return_stats=True, **kw)
+    up = (torch.rand_like(loss.float()) + 0.5).to(loss.dtype)
+    grads = torch.autograd.grad(loss, (x, lw, lb), up)
+    plain = linear_cross_entropy(x, lw, t, **kw)
+    assert torch.equal(loss, plain)
+    for g, h in zip(grads, torch.autograd.grad(plain, (x, lw, lb), up)):
+        assert torch.equal(g, h)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert stats.lse.shape == stats.entropy.shape == stats.correct.shape == (9,)
+    assert stats.lse.dtype == stats.entropy.dtype == acc and stats.correct.dtype == torch.bool
+    assert not stats.lse.requires_grad and not stats.entropy.requires_grad
+    z = F.linear(x.detach(), lw.detach(), lb.detach()).double()  # the logits the kernel reads
+    lse, entropy, correct = _expected_stats(z, t.double() if target == "prob" else t,
+                                            softcap=5.0)
+    assert_close(stats.lse, lse, acc)
+    assert_close(stats.entropy, entropy, acc)
+    assert torch.equal(stats.correct, correct)
+
+
+def test_return_stats_heads_and_batch_shape():
+    """K-dim heads: stats of shape (N, d1); a batched input (B, T, H): stats (B, T)."""
+    N, H, V = 5, 8, 13
+    x = torch.randn(N, H, device=DEVICE, requires_grad=True)
+    lw = torch.randn(V, 3, H, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, V, (N, 3), device=DEVICE)
+    t[1, 2] = -100
+    loss, stats = linear_cross_entropy(x, lw, t, return_stats=True, chunk_size=2)
+    z = torch.einsum("nh,vdh->nvd", x.detach().double(), lw.detach().double())
+    lse, entropy, correct = _expected_stats(z.movedim(1, -1).reshape(-1, V), t.reshape(-1))
+    assert stats.lse.shape == (N, 3)
+    assert_close(stats.lse.reshape(-1), lse, torch.float32)
+    assert_close(stats.entropy.reshape(-1), entropy, torch.float32)
+    assert torch.equal(stats.correct.reshape(-1), correct)
+    x = torch.randn(2, 3, H, device=DEVICE)
+    t = torch.randint(0, V, (2, 3), device=DEVICE)
+    loss, stats = linear_cross_entropy(x, lw[:, 0], t, return_stats=True)
+    assert loss.shape == () and stats.lse.shape == stats.correct.shape == (2, 3)
+    with pytest.raises(TypeError, match="linear_cross_entropy: argument 'return_stats'"):
+        linear_cross_entropy(x, lw[:, 0], t, return_stats=1)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -391,10 +495,10 @@ OPINFO_RUNS = [(torch.float64, ("", "chunked", "chunked_none"), True),
 @pytest.mark.parametrize("dtype,variants,k_dim", OPINFO_RUNS, ids=["float64", "float32"])
 def test_torch_opinfo_samples(dtype, variants, k_dim):
     """Every selected sample runs; none is skipped. Probability targets arrive with
-    requires_grad=True: we make no gradient for a target (the core does not), so those run
-    with the target detached, and loss, input, linear_weight and linear_bias are compared."""
+    requires_grad=True: their gradient is compared too, with the loss's and those of input,
+    linear_weight and linear_bias."""
     pytest.importorskip("expecttest")
-    counts = {"run": 0, "target_detached": 0, "skipped": 0, "k_dim_left_to_float64": 0}
+    counts = {"run": 0, "target_grad": 0, "skipped": 0, "k_dim_left_to_float64": 0}
     for op in _opinfo_samples():
         if op.variant_test_name not in variants:
             continue
@@ -404,14 +508,15 @@ def test_torch_opinfo_samples(dtype, variants, k_dim):
                 counts["k_dim_left_to_float64"] += 1
                 continue
             kw = {k: _copy(v) for k, v in sample.kwargs.items()}
-            x, lw = _copy(sample.input), _copy(lw0)
-            if t0.is_floating_point() and t0.requires_grad:
-                counts["target_detached"] += 1
-            loss = linear_cross_entropy(x, lw, t0.detach(), **kw)
+            x, lw, t = _copy(sample.input), _copy(lw0), _copy(t0)
+            target_grad = t.is_floating_point() and t.requires_grad
+            counts["target_grad"] += target_grad
+            loss = linear_cross_entropy(x, lw, t, **kw)
             kw64 = {k: _copy(v, torch.float64) for k, v in sample.kwargs.items()
                     if k != "options"}
             x64, lw64 = _copy(sample.input, torch.float64), _copy(lw0, torch.float64)
-            ref = F.linear_cross_entropy(x64, lw64, _copy(t0, torch.float64, grad=False), **kw64)
+            t64 = _copy(t0, torch.float64)
+            ref = F.linear_cross_entropy(x64, lw64, t64, **kw64)
             assert loss.shape == ref.shape and loss.dtype == dtype
             up = (torch.rand_like(ref) + 0.5).to(dtype)  # the same values reach both
             loss.backward(up)
@@ -419,6 +524,8 @@ def test_torch_opinfo_samples(dtype, variants, k_dim):
             pairs = [(loss, ref), (x.grad, x64.grad), (lw.grad, lw64.grad)]
             if kw.get("linear_bias") is not None:
                 pairs.append((kw["linear_bias"].grad, kw64["linear_bias"].grad))
+            if target_grad:
+                pairs.append((t.grad, t64.grad))
             for ours, theirs in pairs:
                 err = rel_err(ours, theirs)
                 assert err <= TOL[dtype], (op.variant_test_name, sample, err)
