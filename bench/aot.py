@@ -431,7 +431,10 @@ def compile_one(cfg, arch, keep_binary=False):
     usage = parse_res_usage(res)
     ops = memory_ops(sass_opcodes(sass))
     out = dict(registers=stats["registers"], spills=stats["spills"], stack=stats["stack"],
-               local_bytes=usage["local"] + usage["stack"], shared_bytes=usage["shared"],
+               # cuobjdump's SHARED is the static shared memory only; Triton's reductions
+               # and broadcasts use dynamic shared memory, which the launch reserves
+               local_bytes=usage["local"] + usage["stack"],
+               shared_bytes=usage["shared"] + int(getattr(kernel.metadata, "shared", 0) or 0),
                reg_res_usage=usage["reg"], loops=len(loops(sass)),
                ldg128_in_loops=wide_loads_in_loops(sass),
                **ops)

@@ -40,12 +40,14 @@ else:
         return torch.cuda.get_device_properties(index).multi_processor_count
 
     def _resident_programs(device):
-        """A lower bound of the programs of one launch the device holds at once: its SMs."""
+        """The most programs a row may be split into: half the SMs. Every compiled kernel
+        fits two programs per SM, so up to four launches at once keep the single-pass
+        kernel's forward-progress guarantee (kernels/cross_entropy_single.py)."""
         if device.type == "cuda":
             import torch
 
             index = device.index if device.index is not None else torch.cuda.current_device()
-            return _sm_count(index)
+            return max(1, _sm_count(index) // 2)
         return None  # the interpreter: the single path's exchange runs as two launches
 
     def cross_entropy_fwd(logits, target, weight, *, grad=None, **kw):

@@ -35,9 +35,13 @@ are never evicted), so those rows publish completely and their programs finish. 
 the newest row can hold programs that wait for programs not yet started, at most K - 1
 of them. If the device can hold R >= K programs at once, the R resident programs cannot
 all be waiting on that row, so a slot frees (or is free) and the next ticket is taken.
-Hence K <= the resident capacity suffices; the tuning caps K at the SM count (every
-compiled kernel fits at least one program per SM). Kernels running at the same time on
-other streams take slots too; the argument holds as long as they end on their own.
+Hence K <= the resident capacity suffices. Kernels running at the same time on other
+streams take slots too; the argument holds as long as they end on their own. Launches of
+this kernel itself do not: each may park up to K - 1 waiters on its newest row, so L
+launches at once (several streams, MPS clients) need L (K - 1) < the resident capacity.
+Every compiled configuration fits two programs per SM (the register budget, checked by
+tests/test_inspect.py), so the capacity is at least 2 x SMs, and the tuning caps K at half
+the SM count: four concurrent launches stay safe.
 
 Memory ordering. Partials are written with plain stores, then the row's counter is
 incremented with an atomic of release semantics (gpu scope), which orders the stores
@@ -400,9 +404,10 @@ def cross_entropy_single_fwd(logits, target, weight, *, ignore_index, label_smoo
     dense = flags["PROB_TARGET"] or flags["HAS_SMOOTHING"]
     num_fields = 4 if dense else 2
     if K > 1:
-        scratch = torch.zeros(N * K * num_fields + N + 1, dtype=torch.int32, device=dev)
+        # the partials are written before they are read: only the counters are zeroed
+        scratch = torch.empty(N * K * num_fields + N + 1, dtype=torch.int32, device=dev)
         part = scratch[:N * K * num_fields].view(torch.float32)
-        count = scratch[N * K * num_fields:]  # [0]: tickets, [1 + r]: row r's counter
+        count = scratch[N * K * num_fields:].zero_()  # [0]: tickets, [1 + r]: row r's counter
     else:
         part = count = stats  # not touched: no exchange
     stride_t_row, stride_t_col = _target_strides(target)

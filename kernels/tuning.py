@@ -28,7 +28,8 @@ The fused forward (loss + gradient) has two paths, chosen here too (fused_path):
   one or more 16-byte loads), fewer when options keep more per element in registers
   (softcap: dz/dx; label smoothing, probability targets: the dense target a). K must
   not exceed the programs the device can hold at once (the kernel's forward-progress
-  argument); the cap is the SM count, every kernel fitting one program per SM.
+  argument); the cap is half the SM count, every kernel fitting two programs per SM,
+  which leaves room for up to four such launches at once.
 
 The switch: the environment variable SOFTMAX_CE_GPU_FUSED_PATH = auto | single |
 two-sweep, read at every call, or the context manager use_fused_path (tests, bench),
