@@ -136,14 +136,14 @@ def _sweep(x, heads, V, chunk, need, ce_step):
     return gi, gw, gb
 
 
-def _finish(grads, x, lw, lb, gt):
+def _finish(grads, x, lw, lb, gt, t):
     """The accumulators cast once to the parameters' dtype, in their shapes, and the target's
     gradient gt; an empty tensor for a gradient not made."""
     gi, gw, gb = grads
     return (x.new_empty(0) if gi is None else gi.to(x.dtype),
             x.new_empty(0) if gw is None else gw.to(lw.dtype).reshape(lw.shape),
             x.new_empty(0) if gb is None else gb.to(lb.dtype).reshape(lb.shape),
-            x.new_empty(0) if gt is None else gt)
+            t.new_empty(0) if gt is None else gt)
 
 
 def _grads_like(x, lw, lb, t, need):
@@ -209,7 +209,7 @@ def _linear_cross_entropy_fwd(
                                       dtarget=None if dt is None else dt[r0:r1])
 
         grads = _sweep(x, hs, V, _chunk(chunk, x, linear_weight, D), need, ce_step)
-        return (stats, *_finish(grads, x, linear_weight, linear_bias, gt))
+        return (stats, *_finish(grads, x, linear_weight, linear_bias, gt, target))
 
 
 linear_cross_entropy_fwd = _ops._custom_op("linear_cross_entropy_fwd", _linear_cross_entropy_fwd,
@@ -252,7 +252,7 @@ def _linear_cross_entropy_bwd(
                                       dtarget=None if dt is None else dt[r0:r1])
 
         grads = _sweep(x, hs, V, _chunk(chunk, x, linear_weight, D), need, ce_step)
-        return _finish(grads, x, linear_weight, linear_bias, gt)
+        return _finish(grads, x, linear_weight, linear_bias, gt, target)
 
 
 linear_cross_entropy_bwd = _ops._custom_op("linear_cross_entropy_bwd", _linear_cross_entropy_bwd,

@@ -92,6 +92,16 @@ def _case(kind):
                 [x, lw, lb], [t], dtype)
     lw = (torch.randn(V, H, device=DEVICE) / 3).to(dtype)
     t = torch.randint(0, V, (N,), device=DEVICE)
+    if kind == "prob-target-stats":  # the target's gradient, and the statistics
+        lw.requires_grad_()
+        p = torch.rand(N, V, device=DEVICE).softmax(1).requires_grad_()
+
+        def f(x, lw, p):
+            loss, stats = sc.linear_cross_entropy(x, lw, p, label_smoothing=0.1, chunk_size=2,
+                                                  return_stats=True)
+            return loss + 0.0 * stats.entropy.sum() + stats.lse.sum().detach() * 0.0
+
+        return f, [x, lw, p], [], dtype
     if kind == "frozen-weight":  # only the input gets a gradient
         w = torch.rand(V, device=DEVICE) + 0.5
         return (lambda x, t: sc.linear_cross_entropy(x, lw, t, weight=w, label_smoothing=0.1,
@@ -103,7 +113,8 @@ def _case(kind):
             [x, lw], [t], dtype)
 
 
-@pytest.mark.parametrize("kind", ["fp16-late", "k-dim-heads", "frozen-weight"])
+@pytest.mark.parametrize("kind", ["fp16-late", "k-dim-heads", "frozen-weight",
+                                  "prob-target-stats"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_paths(backend, kind):
     torch._dynamo.reset()
@@ -257,16 +268,19 @@ def test_opcheck_linear_ops(case):
     opts = (-100, case.get("label_smoothing", 0.0), case.get("z_loss", 0.0), case.get("softcap"))
     scale = torch.tensor(0.25, device=DEVICE)
     need_b = lb is not None
-    for chunk, need in ((2, (True, True, need_b)), (None, (False, False, False)),
-                        (3, (False, True, False))):
+    # (chunk, need input/weight/bias/target, with_stats); the target's gradient only for
+    # probabilities
+    for chunk, need, with_stats in ((2, (True, True, need_b, prob), False),
+                                    (None, (False, False, False, False), True),
+                                    (3, (False, True, False, prob), True)):
         torch.library.opcheck(_linear_ops.linear_cross_entropy_fwd,
-                              (x, lw, lb, t, w, scale, D, prob, chunk, *need, *opts))
+                              (x, lw, lb, t, w, scale, D, prob, chunk, *need, with_stats, *opts))
     stats = _linear_ops.linear_cross_entropy_fwd(x, lw, lb, t, w, scale, D, prob, 2,
-                                                 False, False, False, *opts)[0]
+                                                 False, False, False, False, False, *opts)[0]
     for dloss in (torch.rand(x.shape[0], D, device=DEVICE), torch.tensor(2.0, device=DEVICE)):
         torch.library.opcheck(_linear_ops.linear_cross_entropy_bwd,
                               (x, lw, lb, t, w, stats, dloss, scale, D, prob, 2, True, True,
-                               need_b, *opts))
+                               need_b, prob, *opts))
     torch.library.opcheck(_linear_ops.scale_flat_,
                           (torch.randn(3, 7000, device=DEVICE, dtype=x.dtype),
                            torch.tensor(0.5, device=DEVICE)))
