@@ -83,8 +83,9 @@ def all_option_sets():
 class Config:
     """One launch the dispatcher can make: which kernel, with what options, on what rows.
 
-    kernel: 'fwd' (forward only), 'fused' (forward writing the gradient), 'bwd'
-    (backward-time gradient) or 'scale' (scale_grad); options: a key of the option
+    kernel: 'fwd' (forward only), 'fused' (forward writing the gradient, two-sweep path),
+    'single' (forward writing the gradient, single-pass path: kernels/cross_entropy_single.py),
+    'bwd' (backward-time gradient) or 'scale' (scale_grad); options: a key of the option
     table (ignored by 'scale'); row_stride: elements between rows (None: V, contiguous).
     """
 
@@ -98,9 +99,13 @@ class Config:
 KERNEL_NAMES = {
     "fwd": "_cross_entropy_fwd_kernel",
     "fused": "_cross_entropy_fwd_kernel",
+    "single": "_cross_entropy_single_kernel",
     "bwd": "_cross_entropy_bwd_kernel",
     "scale": "_scale_grad_kernel",
 }
+
+
+LOSS_KERNELS = ("fwd", "fused", "single", "bwd")
 
 
 def configs(vocabs=VOCABS, dtypes=DTYPES, option_sets=None):
@@ -110,10 +115,12 @@ def configs(vocabs=VOCABS, dtypes=DTYPES, option_sets=None):
     out = []
     for V in vocabs:
         for dtype in dtypes:
-            for kernel in ("fwd", "fused", "bwd"):
+            for kernel in LOSS_KERNELS:
                 for opt in option_sets:
                     out.append(Config(kernel, opt, dtype, V))
-                if default and V in STATS_VOCABS and dtype in STATS_DTYPES:
+                # (the single-pass path leaves statistics and target gradients to the
+                # two-sweep one: kernels.tuning.fused_path)
+                if default and V in STATS_VOCABS and dtype in STATS_DTYPES and kernel != "single":
                     for opt in STATS_SETS:
                         if kernel != "bwd" or STATS_SETS[opt].get("tgrad"):
                             out.append(Config(kernel, opt, dtype, V))
@@ -162,7 +169,9 @@ def capture(cfg, module=None):
     The tensors are CPU tensors of 2 rows; only their dtypes, strides and 16-byte
     alignment reach the compiler, exactly as they would from CUDA tensors.
     """
-    if module is None:
+    if module is None and cfg.kernel == "single":
+        from softmax_ce_gpu.kernels import cross_entropy_single as module
+    elif module is None:
         from softmax_ce_gpu.kernels import cross_entropy as module
     dtype = getattr(torch, cfg.dtype)
     N, V = 2, cfg.V
@@ -188,6 +197,11 @@ def capture(cfg, module=None):
                 module.cross_entropy_bwd(logits, target, weight, stats, dloss,
                                          torch.ones((), dtype=torch.float32),
                                          torch.empty_like(logits), dtarget=dtarget, **kw)
+            elif cfg.kernel == "single":
+                module.cross_entropy_single_fwd(logits, target, weight,
+                                                grad=torch.empty_like(logits),
+                                                grad_scale=torch.ones((), dtype=torch.float32),
+                                                **kw)
             elif cfg.kernel == "fused":
                 module.cross_entropy_fwd(logits, target, weight, grad=torch.empty_like(logits),
                                          grad_scale=torch.ones((), dtype=torch.float32),
@@ -318,6 +332,33 @@ def memory_ops(opcodes):
     return c
 
 
+_SASS_ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def loops(sass):
+    """(start, end) byte addresses of the backward branches of a SASS listing: each loop's
+    body lies between them (the trailing self-branch after EXIT is no loop)."""
+    out = []
+    for addr, op, operands in _SASS_ADDR.findall(sass):
+        if op.split(".")[0] == "BRA":
+            target = re.match(r"\s*(?:`\()?\.?L?_?x?_?(0x[0-9a-f]+)", operands)
+            if target and int(target.group(1), 16) < int(addr, 16):
+                out.append((int(target.group(1), 16), int(addr, 16)))
+    return out
+
+
+def wide_loads_in_loops(sass):
+    """LDG.128 instructions inside a loop's body (0 means each is executed once per thread)."""
+    spans = loops(sass)
+    n = 0
+    for addr, op, _ in _SASS_ADDR.findall(sass):
+        parts = op.split(".")
+        if parts[0] in ("LDG", "LDGSTS") and "128" in parts[1:]:
+            a = int(addr, 16)
+            n += any(lo <= a <= hi for lo, hi in spans)
+    return n
+
+
 def disassemble(cubin):
     """(SASS listing, cuobjdump -res-usage text) of a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -342,6 +383,24 @@ def parse_res_usage(text):
     return dict(reg=reg, stack=stack, shared=shared, local=local)
 
 
+# the SM's limits (CUDA C programming guide, compute capabilities 8.0 and 9.0): registers,
+# threads, resident blocks, shared memory per SM and reserved per block
+_SM_LIMITS = {80: dict(regs=65536, threads=2048, blocks=32, smem=167936, reserved=1024),
+              90: dict(regs=65536, threads=2048, blocks=32, smem=233472, reserved=1024)}
+
+
+def programs_per_sm(registers, num_warps, shared_bytes, arch):
+    """Programs of one kernel an SM holds at once: the tightest of its limits.
+
+    Registers are allocated per warp in units of 256 (8 per thread)."""
+    lim = _SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = lim["regs"] // (per_warp * num_warps)
+    by_threads = lim["threads"] // (32 * num_warps)
+    by_smem = lim["smem"] // (shared_bytes + lim["reserved"])
+    return min(by_regs, by_threads, by_smem, lim["blocks"])
+
+
 # ----------------------------------------------------------------------------- all together
 
 
@@ -349,6 +408,7 @@ PATH_SWEEPS = {
     # path: (sweeps reading the logits (the gradient for 'scale'), sweeps writing the gradient)
     "fwd": (1, 0),
     "fused": (2, 1),
+    "single": (1, 1),
     "bwd": (1, 1),
     "scale": (1, 1),
 }
@@ -371,8 +431,12 @@ def compile_one(cfg, arch, keep_binary=False):
     usage = parse_res_usage(res)
     ops = memory_ops(sass_opcodes(sass))
     out = dict(registers=stats["registers"], spills=stats["spills"], stack=stats["stack"],
-               local_bytes=usage["local"] + usage["stack"], shared_bytes=usage["shared"],
-               reg_res_usage=usage["reg"],
+               # cuobjdump's SHARED is the static shared memory only; Triton's reductions
+               # and broadcasts use dynamic shared memory, which the launch reserves
+               local_bytes=usage["local"] + usage["stack"],
+               shared_bytes=usage["shared"] + int(getattr(kernel.metadata, "shared", 0) or 0),
+               reg_res_usage=usage["reg"], loops=len(loops(sass)),
+               ldg128_in_loops=wide_loads_in_loops(sass),
                **ops)
     if keep_binary:
         out["cubin"] = kernel.asm["cubin"]
@@ -462,13 +526,25 @@ def compile_all(cfgs, archs=ARCHS, jobs=1, dump_dir=None):
             named = {fn.arg_names[path[0]]: v for path, v in constexprs.items()}
             hinted = [fn.arg_names[path[0]] for path, a in attrs.items()
                       if ["tt.divisibility", 16] in a]
-            records.append(dict(
+            rec = dict(
                 kernel=fn.__name__, path=cfg.kernel, options=cfg.options, arch=arch,
                 dtype=cfg.dtype, V=cfg.V, row_stride=cfg.row_stride or cfg.V,
-                block=named["BLOCK_V"], num_warps=options.get("num_warps", 4),
-                flags={k: bool(v) for k, v in named.items() if k.isupper() and k != "BLOCK_V"},
+                block=named.get("BLOCK_V", named.get("SEGMENT")),
+                num_warps=options.get("num_warps", 4),
+                flags={k: bool(v) for k, v in named.items()
+                       if k.startswith(("HAS_", "PROB_", "FUSE_"))},
                 div16=[n for n in hinted if not n.endswith("_ptr")],
-            ))
+            )
+            if "SEGMENT" in named:  # the single-pass kernel: elements per program, programs a row
+                rec.update(segment=named["SEGMENT"], K=-(-cfg.V // named["SEGMENT"]))
+            # element sizes of the tensors read per column (weight: its own dtype)
+            bound = inspect.signature(fn.fn).bind_partial(
+                *args, **{k: v for k, v in kwargs.items() if k in fn.arg_names})
+            rec["element_bytes"] = {n[:-4]: v.element_size() for n, v in bound.arguments.items()
+                                    if n in ("logits_ptr", "target_ptr", "weight_ptr",
+                                             "grad_ptr")
+                                    and isinstance(v, torch.Tensor)}
+            records.append(rec)
     todo = list(unique.items())
     tmp = tempfile.TemporaryDirectory() if dump_dir is not None else None
     try:
@@ -489,6 +565,8 @@ def compile_all(cfgs, archs=ARCHS, jobs=1, dump_dir=None):
         index = {key: i for i, (key, _) in enumerate(todo)}
         for rec, key in zip(records, keys):
             rec.update(results[index[key]])
+            rec["programs_per_sm"] = programs_per_sm(rec["registers"], rec["num_warps"],
+                                                     rec["shared_bytes"], rec["arch"])
             rec["name"] = record_name(rec)
             if dump_dir is not None:
                 os.makedirs(dump_dir, exist_ok=True)

@@ -14,6 +14,10 @@ Method: while a ``ByteCounter`` is active, two hooks are installed in
   storage each address falls in, with a per-byte-offset access count. Masked-off
   lanes move no memory on the GPU and are not counted.
 
+- ``create_atomic_rmw`` / ``create_atomic_cas``: each active lane of an atomic counts
+  as one element read and one element written (the single-pass kernel's tickets and
+  row counters; a GPU does them in L2).
+
 So the counts are those of the kernel's own memory instructions, lane by lane,
 not an estimate; what they cannot see is caching: a second read of a row is
 counted again even when the GPU serves it from L2 (``Launch.trace`` keeps the
@@ -23,6 +27,13 @@ The interpreter hands CPU tensors to the kernel without copying them (their
 storage is already on the host), so the addresses are the caller's.
 ``AllocationRecorder`` is the host-side counterpart: a TorchDispatchMode that
 records every tensor an aten op creates on new storage, with its size.
+
+The single-pass kernel (kernels/cross_entropy_single.py) runs under the interpreter as
+two launches, and the registers a program keeps across its wait are carried from the
+first to the second through a buffer that only the interpreter uses (its argument
+``carry_ptr``). Its storage is listed in INTERPRETER_ONLY: the totals leave it out and
+report it on its own (``interpreter_only``), because the compiled single-launch kernel
+has no such buffer (its SASS, in softmax-ce-bench inspect, loads each segment once).
 
 Everything here needs TRITON_INTERPRET=1 set before softmax_ce_gpu is imported.
 """
@@ -72,6 +83,15 @@ class Launch:
     trace: Optional[list]
     unattributed: int = 0  # bytes at addresses outside every argument (must stay 0)
 
+    def counted(self):
+        """The regions that stand for GPU memory traffic (all but INTERPRETER_ONLY ones)."""
+        return [g for g in self.regions.values() if not set(g.names) <= INTERPRETER_ONLY]
+
+    def interpreter_only(self):
+        """(bytes read, bytes written) of the INTERPRETER_ONLY regions."""
+        sel = [g for g in self.regions.values() if set(g.names) <= INTERPRETER_ONLY]
+        return sum(g.bytes_read for g in sel), sum(g.bytes_written for g in sel)
+
     def region_of(self, tensor):
         return self.regions.get(tensor.untyped_storage().data_ptr())
 
@@ -89,6 +109,10 @@ class Launch:
         b = tensor.element_size()
         first = tensor.storage_offset() * b
         return per_byte.as_strided(tensor.shape, [s * b for s in tensor.stride()], first).clone()
+
+
+# kernel arguments that exist only in the interpreter's stand-in for a GPU kernel
+INTERPRETER_ONLY = frozenset({"carry_ptr"})
 
 
 def _element_size(ptrs):
@@ -147,6 +171,10 @@ class ByteCounter:
                 launch.trace.append((pid, kind, region.start, offs, size))
         launch.unattributed += int((~seen).sum()) * size
 
+    def _account_atomic(self, ptrs, mask):
+        self._account(ptrs, mask, "r")
+        self._account(ptrs, mask, "w")
+
     def _begin(self, executor, args, kwargs):
         fn = executor.fn
         params = inspect.signature(fn).parameters
@@ -176,6 +204,8 @@ class ByteCounter:
         original_call = executor_cls.__call__
         original_load = builder.create_masked_load
         original_store = builder.create_masked_store
+        original_rmw = builder.create_atomic_rmw
+        original_cas = builder.create_atomic_cas
         counter = self
 
         def call(executor, *args, **kwargs):
@@ -193,6 +223,14 @@ class ByteCounter:
             counter._account(ptrs, mask, "w")
             return original_store(ptrs, value, mask, *rest, **kw)
 
+        def rmw(op, ptrs, value, mask, *rest, **kw):
+            counter._account_atomic(ptrs, mask)
+            return original_rmw(op, ptrs, value, mask, *rest, **kw)
+
+        def cas(ptrs, cmp, value, *rest, **kw):
+            counter._account_atomic(ptrs, None)
+            return original_cas(ptrs, cmp, value, *rest, **kw)
+
         stack = contextlib.ExitStack()
         executor_cls.__call__ = call
         stack.callback(setattr, executor_cls, "__call__", original_call)
@@ -200,6 +238,10 @@ class ByteCounter:
         stack.callback(vars(builder).pop, "create_masked_load", None)
         builder.create_masked_store = store
         stack.callback(vars(builder).pop, "create_masked_store", None)
+        builder.create_atomic_rmw = rmw
+        stack.callback(vars(builder).pop, "create_atomic_rmw", None)
+        builder.create_atomic_cas = cas
+        stack.callback(vars(builder).pop, "create_atomic_cas", None)
         self._stack = stack
         return self
 
@@ -221,15 +263,22 @@ class ByteCounter:
         return r, w
 
     def total_bytes(self):
-        """(bytes read, bytes written) of all storages over all launches."""
-        r = sum(g.bytes_read for launch in self.launches for g in launch.regions.values())
-        w = sum(g.bytes_written for launch in self.launches for g in launch.regions.values())
+        """(bytes read, bytes written) of all storages but INTERPRETER_ONLY ones, over all
+        launches."""
+        r = sum(g.bytes_read for launch in self.launches for g in launch.counted())
+        w = sum(g.bytes_written for launch in self.launches for g in launch.counted())
         return r, w
 
+    def interpreter_only_total(self):
+        """(bytes read, bytes written) of the INTERPRETER_ONLY storages over all launches."""
+        pairs = [launch.interpreter_only() for launch in self.launches]
+        return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
     def distinct_total(self):
-        """Sum over launches of the bytes of distinct elements read and written."""
+        """Sum over launches of the bytes of distinct elements read and written (all
+        storages but INTERPRETER_ONLY ones)."""
         return sum(sum(g.distinct_bytes()) for launch in self.launches
-                   for g in launch.regions.values())
+                   for g in launch.counted())
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -272,6 +321,7 @@ def _measure(fn, N, V, b):
     n = N * V
     return dict(read=read / n, written=written / n, total=(read + written) / n,
                 distinct=bc.distinct_total() / n,
+                interpreter_only=sum(bc.interpreter_only_total()) / n,
                 passes=(read + written) / (n * b),
                 nxv_allocations=len(rec.larger_than(n * b // 2)),
                 launches=[launch.kernel for launch in bc.launches])
@@ -292,17 +342,20 @@ def _eager_rows(b):
             ("torch eager: backward (analytic)", 3, 2, 2),
             ("torch eager: forward + backward (analytic)", 6, 3, 3)]
     return [dict(path=p, read=r * b, written=w * b, total=(r + w) * b, distinct=None,
-                 passes=float(r + w),
+                 interpreter_only=None, passes=float(r + w),
                  nxv_allocations=a, launches=None) for p, r, w, a in rows]
 
 
-def path_table(dtype="bfloat16", N=2, V=8320, seed=0):
+def path_table(dtype="bfloat16", N=2, V=8320, seed=0, segment=None):
     """Bytes per logit (all tensors a path's launches touch, / (N V)) of every path.
 
     Runs softmax_ce_gpu.cross_entropy end to end under the interpreter: forward
-    and backward of each gradient strategy, each measured on its own.
+    and backward of each gradient strategy, each measured on its own; the fused
+    forward on each of its paths (kernels.tuning.use_fused_path), the single-pass one
+    with the tuning table's segments (``segment``: columns per program instead).
     """
     import softmax_ce_gpu
+    from softmax_ce_gpu.kernels import tuning
 
     kernels = sys.modules.get("softmax_ce_gpu.kernels")
     if kernels is None or not kernels.INTERPRETER:
@@ -319,13 +372,22 @@ def path_table(dtype="bfloat16", N=2, V=8320, seed=0):
 
     rows = []
 
-    def add(name, fn):
-        rows.append(dict(path=name, **_measure(fn, N, V, b)))
+    def add(name, fn, path="two-sweep"):
+        with tuning.use_fused_path(path, segment=segment if path == "single" else None):
+            rows.append(dict(path=name, **_measure(fn, N, V, b)))
 
     x = fresh()
     add("forward only (no gradient needed)", lambda: ce(x.detach(), target))
 
     state = {}
+    x = fresh()
+    add("single-pass fused: forward (loss + gradient)",
+        lambda: state.update(loss=ce(x, target)), "single")
+    add("single-pass fused: backward, upstream gradient 1", lambda: state["loss"].backward())
+    x = fresh()
+    add("single-pass fused, inplace_backward: forward",
+        lambda: state.update(loss=ce(x, target, inplace_backward=True)), "single")
+
     x = fresh()
     add("fused: forward (loss + gradient)", lambda: state.update(loss=ce(x, target)))
     add("fused: backward, upstream gradient 1", lambda: state["loss"].backward())
@@ -349,9 +411,13 @@ def path_table(dtype="bfloat16", N=2, V=8320, seed=0):
                          written=sum(r["written"] for r in sel),
                          total=sum(r["total"] for r in sel),
                          distinct=sum(r["distinct"] for r in sel),
+                         interpreter_only=sum(r["interpreter_only"] for r in sel),
                          passes=sum(r["passes"] for r in sel),
                          nxv_allocations=sum(r["nxv_allocations"] for r in sel), launches=None))
 
+    total("single-pass fused step (forward + backward, gradient 1)",
+          ("single-pass fused: forward (loss + gradient)",
+           "single-pass fused: backward, upstream gradient 1"))
     total("fused step (forward + backward, gradient 1)",
           ("fused: forward (loss + gradient)", "fused: backward, upstream gradient 1"))
     total("backward-time step (forward + backward)",

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One lease on the GPU machine (issue "prove it on the GPU"), about 8 minutes:
-#   versions -> the whole test suite on the GPU -> tuning sweep of the fused kernel ->
-#   softmax-ce-bench at DESIGN.md section 5's shapes. Everything lands under $OUT.
+# One lease on the GPU machine (issue "prove it on the GPU"), about 9 minutes:
+#   versions -> the single-launch kernel's GPU test (its programs wait for each other: a
+#   deadlock would show here, under a short timeout) -> the whole test suite on the GPU ->
+#   tuning sweep of both fused paths -> softmax-ce-bench at DESIGN.md section 5's shapes
+#   with both fused paths as providers (softmax_ce_gpu_two_sweep, softmax_ce_gpu_single
+#   and their in-place forms). Everything lands under $OUT. Which path wins at each shape
+#   decides kernels/tuning.py's AUTO_SINGLE.
 # Run from the repository root:  bash bench/gpu_session.sh
 # Carry Liger-Kernel as a wheel in .whl/ (the device README says how); without it the
 # liger provider is recorded as skipped. DRYRUN=1 runs every step at toy sizes on CPU.
@@ -40,18 +44,23 @@ else
     SHAPES_FP32=32768x32000; DEVICE=cuda
 fi
 
+step "single-launch kernel"
+timeout 120 $PY -m pytest "$REPO/tests/test_single_pass.py" -q -x -p no:cacheprovider \
+    -k "gpu or full_vocabulary" 2>&1 | tee "$OUT/pytest_single.log" | tail -5
+echo "exit status $? (124: timed out, a wait that did not end)" | tee -a "$OUT/pytest_single.log"
+
 step "tests"
 timeout 240 $PY -m pytest "$TESTS" -q -x -p no:cacheprovider -n 4 2>&1 | tee "$OUT/pytest.log" | tail -15 \
   || timeout 240 $PY -m pytest "$TESTS" -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
 
 step "tuning sweep"
 if [ "$DEVICE" = cuda ]; then
-    timeout 150 $PY -m softmax_ce_gpu.bench.sweep --shapes 8192x128256,4096x256000,32768x32000 \
-        --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -5
+    timeout 180 $PY -m softmax_ce_gpu.bench.sweep --shapes 8192x128256,4096x256000,32768x32000 \
+        --path both --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -8
 fi
 
 step "benchmark"
-PROVIDERS=softmax_ce_gpu,softmax_ce_gpu_inplace,torch,torch_compile,liger
+PROVIDERS=softmax_ce_gpu_two_sweep,softmax_ce_gpu_single,softmax_ce_gpu_inplace,softmax_ce_gpu_single_inplace,torch,torch_compile,liger
 timeout 240 $PY -m softmax_ce_gpu.bench.cli --device $DEVICE --ops cross_entropy --dtypes bf16 \
     --shapes $SHAPES_BF16 --providers $PROVIDERS --out "$OUT/bench_bf16" 2>"$OUT/bench_bf16.err" \
     | tee "$OUT/bench_bf16.txt" | tail -30

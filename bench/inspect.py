@@ -4,8 +4,10 @@ Two instruments, both described in DESIGN.md section 5:
 
 - compiled code (default): every kernel configuration the dispatcher can
   choose is compiled ahead of time for sm_90 and sm_80 (bench/aot.py), and its
-  SASS is read: registers, spills, local memory, and the widths of the global
-  loads and stores. ``--json FILE`` writes one record per compiled kernel,
+  SASS is read: registers (and the programs per SM they allow), spills, local
+  memory, the widths of the global loads and stores, and how many 16-byte loads
+  sit inside a loop. The single-pass kernel's records (path "single") add
+  ``segment`` (columns per program, BLOCK in the table) and K (programs per row). ``--json FILE`` writes one record per compiled kernel,
   ``--dump DIR`` each kernel's cubin and SASS.
 - ``--bytes``: the bytes each path reads and writes per logit, counted lane by
   lane under Triton's interpreter (bench/byte_count.py), next to torch eager's
@@ -77,9 +79,10 @@ def compile_records(vocabs, dtypes, archs, option_sets, jobs, dump_dir):
 
 
 _COLUMNS = [  # (header, key, width)
-    ("path", "path", 5), ("options", "options", 9), ("dtype", "dtype", 8), ("V", "V", 6),
-    ("arch", "arch", 4), ("BLOCK", "block", 5), ("warps", "num_warps", 5),
-    ("regs", "registers", 4), ("spill", "spills", 5), ("local", "local_bytes", 5),
+    ("path", "path", 6), ("options", "options", 9), ("dtype", "dtype", 8), ("V", "V", 6),
+    ("arch", "arch", 4), ("BLOCK", "block", 5), ("K", "K", 3), ("warps", "num_warps", 5),
+    ("regs", "registers", 4), ("/SM", "programs_per_sm", 3), ("spill", "spills", 5),
+    ("local", "local_bytes", 5),
     ("ldg128", "ldg128", 6), ("ldg<128", "ldg_other", 7), ("stg128", "stg128", 6),
     ("stg<128", "stg_other", 7),
 ]
@@ -88,7 +91,7 @@ _COLUMNS = [  # (header, key, width)
 def format_records(records):
     lines = ["  ".join(h.rjust(w) for h, _, w in _COLUMNS)]
     for r in records:
-        lines.append("  ".join(str(r[k]).rjust(w) for _, k, w in _COLUMNS))
+        lines.append("  ".join(str(r.get(k, "")).rjust(w) for _, k, w in _COLUMNS))
     return "\n".join(lines)
 
 
@@ -106,19 +109,25 @@ def byte_rows(dtype, N, V):
 
 
 def format_bytes(rows, dtype, N, V):
-    head = (f"{'path':<44} {'read':>7} {'written':>7} {'total':>7} {'passes':>6} "
-            f"{'distinct':>8} {'NxV allocs':>10}")
+    head = (f"{'path':<56} {'read':>7} {'written':>7} {'total':>7} {'passes':>6} "
+            f"{'distinct':>8} {'NxV allocs':>10} {'interp.':>7}")
     lines = [f"bytes per logit, {dtype}, N = {N}, V = {V}: counted lane by lane under the "
              "interpreter (torch eager: analytic)", head]
     for r in rows:
         allocs = "" if r.get("nxv_allocations") is None else str(r["nxv_allocations"])
         distinct = "" if r.get("distinct") is None else f"{r['distinct']:.4f}"
-        lines.append(f"{r['path']:<44} {r['read']:>7.4f} {r['written']:>7.4f} "
-                     f"{r['total']:>7.4f} {r['passes']:>6.2f} {distinct:>8} {allocs:>10}")
-    lines.append("read/written/total: bytes moved by the kernels' loads and stores (all tensors) "
-                 "per logit; passes: total / element size; distinct: each element counted once "
-                 "per launch (DRAM traffic if re-reads within a launch hit L2); NxV allocs: "
-                 "host allocations of at least half the logits' size.")
+        interp = "" if not r.get("interpreter_only") else f"{r['interpreter_only']:.4f}"
+        lines.append(f"{r['path']:<56} {r['read']:>7.4f} {r['written']:>7.4f} "
+                     f"{r['total']:>7.4f} {r['passes']:>6.2f} {distinct:>8} {allocs:>10} "
+                     f"{interp:>7}")
+    lines.append("read/written/total: bytes moved by the kernels' loads, stores and atomics (all "
+                 "tensors) per logit; passes: total / element size; distinct: each element "
+                 "counted once per launch (DRAM traffic if re-reads within a launch hit L2); NxV "
+                 "allocs: host allocations of at least half the logits' size. interp.: bytes "
+                 "per logit of the buffer that carries the single-pass kernel's registers "
+                 "between its two launches under the interpreter: no GPU traffic (the compiled "
+                 "single-launch kernel has no such buffer; inspect shows it loads each segment "
+                 "once), left out of the totals.")
     return "\n".join(lines)
 
 

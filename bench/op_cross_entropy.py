@@ -9,9 +9,13 @@ once, 2*N*V*b (b = element size). Targets and per-row scalars are left out: N*8 
 against N*V*b.
 
 Providers:
-    softmax_ce_gpu           softmax_ce_gpu.cross_entropy
+    softmax_ce_gpu           softmax_ce_gpu.cross_entropy (the fused path kernels/tuning.py picks)
     softmax_ce_gpu_inplace   the same, inplace_backward=True (the gradient overwrites the logits)
     softmax_ce_gpu_stats     the same, return_stats=True (lse, entropy, correct per row)
+    softmax_ce_gpu_single    the same, on the single-pass fused path (each logit read once:
+                             kernels/cross_entropy_single.py), whatever the default is
+    softmax_ce_gpu_single_inplace   the same, inplace_backward=True
+    softmax_ce_gpu_two_sweep the same, on the two-sweep fused path (kernels/cross_entropy.py)
     torch                    torch.nn.functional.cross_entropy, eager
     torch_compile            torch.compile of the same (static shapes, default mode)
     liger                    Liger-Kernel's cross entropy (overwrites the logits with the gradient)
@@ -47,7 +51,9 @@ def _with_note(fn, note):
     return fn
 
 
-def _load_softmax_ce_gpu(env, inplace, stats=False):
+def _load_softmax_ce_gpu(env, inplace, stats=False, path=None):
+    """softmax_ce_gpu.cross_entropy; path: None (the default path), or the fused path to force
+    (kernels.tuning.use_fused_path, around the forward: backward only scales the gradient)."""
     import softmax_ce_gpu
 
     if env.device == "cuda":
@@ -61,12 +67,22 @@ def _load_softmax_ce_gpu(env, inplace, stats=False):
         note = "triton interpreter" if interpreted else "pure-PyTorch path"
 
     if stats:
-        def run(logits, target):
+        def call(logits, target):
             return softmax_ce_gpu.cross_entropy(logits, target, return_stats=True)[0]
     else:
-        def run(logits, target):
+        def call(logits, target):
             return softmax_ce_gpu.cross_entropy(logits, target, inplace_backward=inplace)
+    run = call
 
+    if path is not None:
+        from softmax_ce_gpu.kernels import tuning
+
+        def run(logits, target):
+            with tuning.use_fused_path(path):
+                return call(logits, target)
+
+        if note != "pure-PyTorch path":  # which has no fused paths to choose from
+            note = f"{note}, {path} path"
     return _with_note(run, note)
 
 
@@ -125,6 +141,12 @@ CROSS_ENTROPY = Op(
                                        inplace=True),
         "softmax_ce_gpu_stats": Impl(lambda env: _load_softmax_ce_gpu(env, inplace=False,
                                                                       stats=True)),
+        "softmax_ce_gpu_single": Impl(
+            lambda env: _load_softmax_ce_gpu(env, False, path="single")),
+        "softmax_ce_gpu_single_inplace": Impl(
+            lambda env: _load_softmax_ce_gpu(env, True, path="single"), inplace=True),
+        "softmax_ce_gpu_two_sweep": Impl(
+            lambda env: _load_softmax_ce_gpu(env, False, path="two-sweep")),
         "torch": Impl(_load_torch),
         "torch_compile": Impl(_load_torch_compile),
         "liger": Impl(_load_liger, inplace=True),

@@ -19,15 +19,52 @@ if __name__ != "softmax_ce_gpu.kernels":
     def __getattr__(name):
         raise AttributeError(f"{_WRONG_NAME} (asked for {name!r})")
 else:
-    from . import _compat  # noqa: F401  (interpreter fix-ups for old triton)
+    from . import _compat, tuning  # noqa: F401  (_compat: interpreter fix-ups for old triton)
     from ._compat import INTERPRETER
     from .cross_entropy import (
+        _flags,
         cross_entropy_bwd,
-        cross_entropy_fwd,
+        cross_entropy_fwd as _two_sweep_fwd,
         scale_grad,
     )
+    from .cross_entropy_single import cross_entropy_single_fwd
     from .reduction import loss_reduce, loss_scale
     from .softmax import softmax_bwd, softmax_fwd
 
-    __all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_bwd", "scale_grad",
-               "loss_scale", "loss_reduce", "softmax_fwd", "softmax_bwd"]
+    import functools
+
+    @functools.lru_cache(maxsize=None)
+    def _sm_count(index):
+        import torch
+
+        return torch.cuda.get_device_properties(index).multi_processor_count
+
+    def _resident_programs(device):
+        """The most programs a row may be split into: half the SMs. Every compiled kernel
+        fits two programs per SM, so up to four launches at once keep the single-pass
+        kernel's forward-progress guarantee (kernels/cross_entropy_single.py)."""
+        if device.type == "cuda":
+            import torch
+
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return max(1, _sm_count(index) // 2)
+        return None  # the interpreter: the single path's exchange runs as two launches
+
+    def cross_entropy_fwd(logits, target, weight, *, grad=None, **kw):
+        """The forward launcher (kernels/cross_entropy.py's contract). With ``grad`` (the
+        fused loss + gradient) it runs the path tuning.fused_path picks: the single-pass
+        kernel of kernels/cross_entropy_single.py, or the two-sweep kernel, which also
+        takes every call with per-row statistics (with_stats) or a target gradient."""
+        if (grad is not None and not kw.get("with_stats") and kw.get("dtarget") is None
+                and tuning.single_requested()):
+            flags = _flags(target, weight, kw["label_smoothing"], kw["z_loss"], kw["softcap"])
+            V = logits.shape[1]
+            if tuning.fused_path(V, logits.element_size(), flags,
+                                 _resident_programs(logits.device)) == "single":
+                rest = {k: v for k, v in kw.items() if k not in ("with_stats", "dtarget")}
+                return cross_entropy_single_fwd(logits, target, weight, grad=grad, **rest)
+        return _two_sweep_fwd(logits, target, weight, grad=grad, **kw)
+
+    __all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_single_fwd",
+               "cross_entropy_bwd", "scale_grad", "loss_scale", "loss_reduce", "softmax_fwd",
+               "softmax_bwd", "tuning"]

@@ -285,3 +285,48 @@ def test_overhead_subcommand_writes_its_records(tmp_path):
     # the kernels are back after the stubbed run
     from softmax_ce_gpu.kernels import cross_entropy as k
     assert type(k._cross_entropy_fwd_kernel).__name__ != "_Stub"
+
+
+def test_both_fused_paths_are_providers(tmp_path):
+    """softmax_ce_gpu_single / _two_sweep force a fused path; they are checked like the rest."""
+    rc, recs = _run(tmp_path, "--providers",
+                    "softmax_ce_gpu_single,softmax_ce_gpu_single_inplace,softmax_ce_gpu_two_sweep",
+                    "--modes", "fwd+bwd", "--no-plot")
+    assert rc == 0
+    for name in ("softmax_ce_gpu_single", "softmax_ce_gpu_single_inplace",
+                 "softmax_ce_gpu_two_sweep"):
+        r = recs[(name, "fwd+bwd")]
+        assert r["status"] == "ok" and r["max_rel_err"] <= r["tol"], r["reason"]
+
+
+def test_sweep_covers_both_fused_paths(monkeypatch):
+    """bench/sweep.py's plumbing, with the timing stubbed (it needs a GPU): each candidate
+    runs on its own path with its own configuration, is checked, and the tuning is restored."""
+    from softmax_ce_gpu import kernels
+    from softmax_ce_gpu.bench import sweep
+    from softmax_ce_gpu.kernels import cross_entropy as ce_kernels, tuning
+
+    seen = []
+    two_sweep, single = kernels._two_sweep_fwd, kernels.cross_entropy_single_fwd
+
+    def spy_two_sweep(*a, grad=None, **k):
+        if grad is not None:
+            seen.append(("two-sweep",) + ce_kernels.row_config(300, 4))
+        return two_sweep(*a, grad=grad, **k)
+
+    def spy_single(*a, **k):
+        seen.append(("single",) + tuning.single_config(300, 4))
+        return single(*a, **k)
+
+    monkeypatch.setattr(sweep, "_time", lambda fn: fn() and 1.0)
+    monkeypatch.setattr(sweep, "CANDIDATES", ((256, 4),))
+    monkeypatch.setattr(sweep, "SINGLE_CANDIDATES", ((128, 4), (4096, 8)))
+    monkeypatch.setattr(kernels, "_two_sweep_fwd", spy_two_sweep)
+    monkeypatch.setattr(kernels, "cross_entropy_single_fwd", spy_single)
+    records = sweep.sweep([(4, 300)], torch.float32, device="cpu")
+    got = [(r["path"], r["block"], r["num_warps"], r["status"]) for r in records]
+    # SEGMENT 128: three programs a row, exchanging; 4096: one program a row (K = 1)
+    assert got == [("two-sweep", 256, 4, "ok"), ("single", 128, 4, "ok"),
+                   ("single", 4096, 8, "ok")], got
+    assert set(seen) == {("two-sweep", 256, 4), ("single", 128, 4), ("single", 4096, 8)}
+    assert ce_kernels.row_config is tuning.row_config and not tuning._overrides

@@ -23,6 +23,7 @@ import torch
 
 import softmax_ce_gpu
 from softmax_ce_gpu import kernels
+from softmax_ce_gpu.kernels import tuning
 
 try:
     from softmax_ce_gpu.bench import byte_count
@@ -198,6 +199,60 @@ def test_ignored_rows_read_none_of_their_logits():
         assert reads[0].all(), launch.kernel
 
 
+# (dtype, V, segment) of the single-pass path: K = 5 segments, the last 4 columns wide
+# (fp32), or K = 4, the last 232 wide (bf16)
+SINGLE_CASES = [(torch.float32, 4100, 1024), (torch.bfloat16, 1000, 256)]
+
+
+@pytest.mark.parametrize("dtype,V,segment", SINGLE_CASES)
+@pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["plain", "all-options"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "into-the-logits"])
+def test_single_pass_reads_each_logit_once_and_writes_each_gradient_once(
+        dtype, V, segment, options, inplace):
+    """The single-pass path: under the interpreter its two launches (publish, finish)
+    together read each logit of a non-ignored row exactly once (the target logit too: it
+    comes from the registers), all in the first launch, and write each gradient element
+    exactly once, all in the second: so in place, no logit is read after its row's
+    exchange. The exchange's scratch moves O(K) words a row, counted exactly."""
+    x, t, w = _inputs(dtype, V, weight=bool(options))
+    with tuning.use_fused_path("single", segment=segment), byte_count.ByteCounter() as bc:
+        _, grad = softmax_ce_gpu.cross_entropy_with_grad(x, t, w, out=x if inplace else None,
+                                                         **options)
+    launches = bc.launches_of("_cross_entropy_single_kernel")
+    assert len(launches) == 2  # besides the reduction's own small launches
+    publish, finish = launches
+    _no_stray_accesses(bc)
+    for other in bc.launches:  # those touch no logit and no gradient
+        if other.kernel != "_cross_entropy_single_kernel":
+            assert other.bytes(x) == (0, 0) and other.bytes(grad) == (0, 0), other.kernel
+    assert (grad.data_ptr() == x.data_ptr()) == inplace
+
+    valid = t != -100
+    once = torch.zeros(N, V, dtype=torch.int64)
+    once[valid] = 1
+    assert torch.equal(publish.counts(x, "r"), once)
+    assert not publish.counts(grad, "w").any()
+    assert not finish.counts(x, "r").any()
+    assert torch.equal(finish.counts(grad, "w"), torch.ones(N, V, dtype=torch.int64))
+
+    # the exchange: K segments a row, NUM_FIELDS fp32 partials each; atomics read and write
+    K = -(-V // segment)
+    fields = 4 if options else 2
+    n_valid = int(valid.sum())
+    scratch = [g for g in publish.counted() if "part_ptr" in g.names]
+    assert len(scratch) == 1
+    tickets, counters = 4 * N * K, 4 * n_valid * K
+    assert scratch[0].bytes_written == 4 * n_valid * K * fields + tickets + counters
+    assert scratch[0].bytes_read == tickets + counters
+    done = [g for g in finish.counted() if "part_ptr" in g.names][0]
+    assert (done.bytes_read, done.bytes_written) == (4 * n_valid * K * K * fields, 0)
+    # the carry between the two launches is the interpreter's alone, and not in the totals
+    for launch in launches:
+        carry = [g for g in launch.regions.values() if g.names == ["carry_ptr"]]
+        assert len(carry) == 1 and launch.interpreter_only() != (0, 0)
+        assert carry[0] not in launch.counted()
+
+
 def _big(rec, x):
     return rec.larger_than(x.numel() * x.element_size() // 2)
 
@@ -229,9 +284,30 @@ def test_host_code_allocates_no_n_by_v_temporary(reduction, inplace):
 def test_bytes_table_matches_the_budget():
     """The table printed by `softmax-ce-bench inspect --bytes`, in units of b bytes per logit."""
     V = 1000
-    rows = {r["path"]: r for r in byte_count.path_table("bfloat16", N=3, V=V)}
+    segment = 256  # the single-pass path's rows in K = 4 segments
+    rows = {r["path"]: r for r in byte_count.path_table("bfloat16", N=3, V=V, segment=segment)}
     b = 2
     scalars = 64 / V  # per-row scalars (class id, loss, max, log d, S, scale): < 64 bytes a row
+    K = -(-V // segment)
+    # the single-pass exchange: per segment 2 partials written, K x 2 read, and 4-byte atomics
+    # on the ticket and the row's counter, each a read and a write
+    exchange = (4 * 2 * K * (1 + K) + 16 * K) / V
+    single = {
+        "single-pass fused: forward (loss + gradient)": (1, 1),
+        "single-pass fused: backward, upstream gradient 1": (0, 0),
+        "single-pass fused, inplace_backward: forward": (1, 1),
+    }
+    for path, (r, w) in single.items():
+        row = rows[path]
+        assert r * b <= row["read"] <= r * b + scalars + exchange, (path, row)
+        assert w * b <= row["written"] <= w * b + scalars + exchange, (path, row)
+        assert row["distinct"] <= (r + w) * b + 2 * (scalars + exchange), (path, row)
+    for path in ("single-pass fused: forward (loss + gradient)",
+                 "single-pass fused, inplace_backward: forward"):
+        assert rows[path]["interpreter_only"] > 0  # the carry, reported, not counted
+    assert rows["single-pass fused: forward (loss + gradient)"]["nxv_allocations"] == 1
+    assert rows["single-pass fused, inplace_backward: forward"]["nxv_allocations"] == 0
+    assert rows["fused: forward (loss + gradient)"]["interpreter_only"] == 0
     expected = {
         "forward only (no gradient needed)": (1, 0),
         "fused: forward (loss + gradient)": (2, 1),

@@ -2,7 +2,8 @@
 
 Every torch option and every reduction, for fp32/bf16/fp16 logits, loss and gradient
 (with a random upstream gradient), plus the library's extras (z-loss, softcap) against
-a float64 reference built from torch primitives.
+a float64 reference built from torch primitives. Tests of the fused forward run on both
+of its paths (the conftest fixtures fused_path and fused_path_tuned).
 """
 
 import pytest
@@ -14,6 +15,8 @@ from helpers import DTYPES, assert_close, rel_err
 import softmax_ce_gpu as sc
 
 REDUCTIONS = ("mean", "sum", "none")
+# these tests reach the fused forward through autograd only (conftest.py: fused_by_autograd)
+pytestmark = pytest.mark.fused_by_autograd
 
 
 def make_case(N, V, dtype, *, target="class", ignore=False, weight=False, scale=3.0):
@@ -81,6 +84,7 @@ def check(x, t, w=None, *, dtype, **kw):
     return loss, xg.grad
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("opts", [
@@ -102,6 +106,7 @@ def test_class_targets_match_torch(dtype, reduction, opts):
     check(x, t, w, dtype=dtype, reduction=reduction, **opts)
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["prob", "prob_unnorm"])
@@ -114,6 +119,7 @@ def test_probability_targets_match_torch(dtype, reduction, kind, opts):
     check(x, t, w, dtype=dtype, reduction=reduction, **opts)
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("opts", [
@@ -129,6 +135,7 @@ def test_z_loss_and_softcap(dtype, reduction, opts):
     check(x, t, w, dtype=dtype, reduction=reduction, **opts)
 
 
+@pytest.mark.usefixtures("fused_path_tuned")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_several_blocks(dtype):
     # 16 KiB chunks: 10000 fp32 = 3 chunks, 20000 bf16/fp16 = 3 chunks
@@ -139,11 +146,13 @@ def test_several_blocks(dtype):
     check(x, t, dtype=dtype, reduction="sum")
 
 
+@pytest.mark.usefixtures("fused_path_tuned")
 def test_full_vocabulary_bf16():
     x, t, _ = make_case(2, 128256, torch.bfloat16)
     check(x, t, dtype=torch.bfloat16)
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("N", [0, 1, 5])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_batch_sizes(N, reduction):
@@ -169,6 +178,7 @@ def test_vocabulary_of_one():
     assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_unbatched_input(reduction):
     x = torch.randn(300, device=DEVICE)
@@ -177,6 +187,7 @@ def test_unbatched_input(reduction):
     check(x, torch.rand(300, device=DEVICE).softmax(0), dtype=torch.float32, reduction=reduction)
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_higher_rank_follows_torch(reduction):
     x = torch.randn(2, 40, 3, 2, device=DEVICE)
@@ -192,6 +203,7 @@ def test_float64_runs_reference_path_exactly():
     check(x, t, w, dtype=torch.float64, label_smoothing=0.2)
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_loss_used_twice_in_one_graph():
     x, t, _ = make_case(5, 100, torch.float32)
     xg = x.clone().requires_grad_()
@@ -202,6 +214,7 @@ def test_loss_used_twice_in_one_graph():
     assert_close(xg.grad, x64.grad, torch.float32)
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_retain_graph_second_backward(reduction):
     """The fused gradient is handed out once: a second backward raises; 'none' recomputes."""
@@ -227,6 +240,7 @@ def test_no_grad_forward_matches():
     assert_close(loss, ref, torch.bfloat16)
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_module_matches_function():
     x, t, w = make_case(5, 64, torch.float32, weight=True)
     mod = sc.CrossEntropyLoss(weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=10.0,
@@ -244,6 +258,7 @@ def test_int32_and_uint8_class_ids():
     assert_close(sc.cross_entropy(x, t.to(torch.uint8)), ref, torch.float32)
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_all_rows_ignored_mean_is_nan_with_zero_gradient():
     x, _, w = make_case(4, 20, torch.float32, weight=True)
     t = torch.full((4,), -100, device=DEVICE)
@@ -256,6 +271,7 @@ def test_all_rows_ignored_mean_is_nan_with_zero_gradient():
         assert torch.count_nonzero(xg.grad) == 0
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_ignore_index_inside_vocabulary():
     x, t, _ = make_case(6, 40, torch.float32)
     t[:3] = 5
@@ -264,6 +280,7 @@ def test_ignore_index_inside_vocabulary():
                    torch.zeros(3, device=DEVICE)) == 0.0
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, weight=True, ignore=True),

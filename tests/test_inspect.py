@@ -9,8 +9,9 @@ child process without TRITON_INTERPRET. The tests read its JSON records.
 
 Option sets: 'plain' (class ids, no option: the LLM case), 'ids+all' (class ids
 with weight, label smoothing, z-loss and softcap) and 'probs+all' (all five
-flags), each for the forward ('fwd'), fused ('fused') and backward-time ('bwd')
-kernels, plus scale_grad ('scale').
+flags), each for the forward ('fwd'), fused two-sweep ('fused'), fused single-pass
+('single': kernels/cross_entropy_single.py, compiled as the one launch that runs on a
+GPU, with its wait) and backward-time ('bwd') kernels, plus scale_grad ('scale').
 
 Register budget: at most 65536 / (2 x 32 x num_warps) registers per thread
 (64 at 16 warps, 128 at 8, capped at 255), so that two programs stay resident
@@ -110,7 +111,7 @@ def _of(records, case):
 
 
 def test_every_dispatcher_configuration_is_compiled(inspected):
-    from softmax_ce_gpu.kernels.tuning import row_config
+    from softmax_ce_gpu.kernels.tuning import row_config, single_config
 
     records, dump = inspected
     expected = {(c.kernel, c.options, c.dtype, c.V, arch) for c in aot.configs()
@@ -119,12 +120,17 @@ def test_every_dispatcher_configuration_is_compiled(inspected):
     assert sorted(got) == sorted(expected)
     for r in records:
         # the launch configuration is the tuning table's, as the launcher applied it
-        opts = aot.option_set(r["options"]) if r["options"] != "-" else {}
+        opts = aot.option_set(r["options"]) if r["options"] not in ("-",) else {}
         heavy = r["options"] not in ("plain", "-") and r["options"] != "ids+stats"
-        # the forward kernel halves its chunk once more for the statistics' lane state
-        stats = bool(opts.get("stats")) and r["path"] != "bwd"
-        assert (r["block"], r["num_warps"]) == row_config(r["V"], ELEMENT_SIZE[r["dtype"]],
-                                                          heavy=heavy, stats=stats), r
+        if r["path"] == "single":
+            assert (r["segment"], r["num_warps"]) == single_config(
+                r["V"], ELEMENT_SIZE[r["dtype"]], **r["flags"]), r
+            assert r["block"] == r["segment"] and r["K"] == -(-r["V"] // r["segment"]), r
+        else:
+            # the forward kernel halves its chunk once more for the statistics' lane state
+            stats = bool(opts.get("stats")) and r["path"] != "bwd"
+            assert (r["block"], r["num_warps"]) == row_config(r["V"], ELEMENT_SIZE[r["dtype"]],
+                                                              heavy=heavy, stats=stats), r
         assert r["registers"] > 0 and r["registers"] == r["reg_res_usage"], r
         # the JIT's divisibility hints: V and the row strides exactly when divisible by 16
         assert ("V" in r["div16"]) == (r["V"] % 16 == 0), r
@@ -157,23 +163,71 @@ def test_aligned_rows_move_in_16_byte_accesses(inspected, case):
     that many / 16 LDG.128 (STG.128 for the gradient); the narrow accesses left are the
     per-row scalars only (loads: class id, its logit, w_c, the saved row stats, the
     upstream gradient and scale, at most 10; stores: the 4 row statistics, 7 with the
-    per-row statistics of CrossEntropyStats). The target's gradient is one more sweep
-    of 16-byte stores wherever the gradient is written."""
+    per-row statistics of CrossEntropyStats; the single-pass kernel adds its partials: 4
+    stores, and 4 loads plus the spin's). The target's gradient is one more sweep of
+    16-byte stores wherever the gradient is written."""
     path, options, _ = case
     opts = aot.option_set(options) if options != "-" else {}
     reads, writes = aot.PATH_SWEEPS[path]
     if opts.get("tgrad") and path != "fwd":
         writes += 1
     scalar_stores = 7 if opts.get("stats") and path != "bwd" else 4
+    exchange = 5 if path == "single" else 0
     checked = 0
     for r in _of(inspected[0], case):
         threads = 32 * r["num_warps"]
         per_thread = r["block"] * ELEMENT_SIZE[r["dtype"]] // threads
         assert r["ldg128"] >= reads * per_thread // 16, r
         assert r["stg128"] >= writes * per_thread // 16, r
-        assert r["ldg_other"] <= 10 and r["stg_other"] <= scalar_stores, r
+        assert r["ldg_other"] <= 10 + exchange and r["stg_other"] <= scalar_stores + exchange, r
         checked += 1
     assert checked
+
+
+GOAL_VOCABS = (32000, 128256, 256000)
+
+
+def _single_records(records):
+    return [r for r in records if r["path"] == "single" and r["V"] in GOAL_VOCABS]
+
+
+def test_single_pass_kernel_is_compiled_for_every_goal_configuration(inspected):
+    got = {(r["options"], r["dtype"], r["V"], r["arch"]) for r in _single_records(inspected[0])}
+    assert got == {(o, d, V, a) for o in aot.OPTION_SETS for d in aot.DTYPES
+                   for V in GOAL_VOCABS for a in aot.ARCHS}
+
+
+def test_single_pass_kernel_loads_its_segment_once(inspected):
+    """Each thread's share of the segment is loaded exactly once: the static LDG.128 count
+    per thread times 16 bytes times the threads is the segment's bytes (logits, plus the
+    target row and the class weights for probabilities; with class ids and label smoothing
+    the class weights twice, before and after the wait, from L2, rather than held in
+    registers), no LDG.128 sits inside a loop (the only loop is the spin on the row's
+    counter), and the gradient is stored in as many STG.128. No local memory, no spills; registers leave at least two
+    programs per SM, and K stays within the 132 SMs of an H200 (108 of an A100)."""
+    checked = 0
+    for r in _single_records(inspected[0]):
+        threads = 32 * r["num_warps"]
+        f, b = r["flags"], r["element_bytes"]
+        per_column = b["logits"]
+        if f["PROB_TARGET"]:
+            per_column += b["target"] + (b["weight"] if f["HAS_WEIGHT"] else 0)
+        elif f["HAS_WEIGHT"] and f["HAS_SMOOTHING"]:
+            per_column += 2 * b["weight"]
+        assert r["ldg128"] * 16 * threads == r["segment"] * per_column, r
+        assert r["stg128"] * 16 * threads == r["segment"] * b["grad"], r
+        assert r["ldg128_in_loops"] == 0 and r["loops"] <= 1, r
+        assert r["spills"] == r["local_bytes"] == r["ldl"] == r["stl"] == 0, r
+        assert r["programs_per_sm"] >= 2, r
+        assert r["K"] <= (132 if r["arch"] == 90 else 108), r
+        checked += 1
+    assert checked == len(aot.OPTION_SETS) * len(aot.DTYPES) * len(GOAL_VOCABS) * len(aot.ARCHS)
+
+
+def test_two_sweep_kernel_loads_in_a_loop(inspected):
+    """The loop detector sees the two-sweep kernel's sweeps: its 16-byte loads are in loops."""
+    fused = [r for r in inspected[0] if r["path"] == "fused" and r["V"] == 128256]
+    assert fused and all(r["ldg128_in_loops"] > 0 and r["loops"] >= 2 for r in fused)
 
 
 def test_unaligned_vocab_is_reported(inspected):
@@ -203,3 +257,15 @@ def test_sass_and_ptxas_parsers():
     usage = aot.parse_res_usage(" Function k:\n  REG:40 STACK:8 SHARED:1024 LOCAL:0 "
                                 "CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0")
     assert usage == dict(reg=40, stack=8, shared=1024, local=0)
+    looped = """
+        /*0100*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0110*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0120*/               @P0 BRA 0x110 ;
+        /*0130*/                   EXIT ;
+        /*0140*/                   BRA 0x140;
+    """
+    assert aot.loops(looped) == [(0x110, 0x120)] and aot.wide_loads_in_loops(looped) == 1
+    # programs per SM: 40 registers x 512 threads fit 3 times in 64 K
+    assert aot.programs_per_sm(40, 16, 1024, 90) == 3
+    assert aot.programs_per_sm(32, 16, 1024, 90) == 4  # and the threads' limit: 2048 / 512
+    assert aot.programs_per_sm(58, 16, 1024, 90) == 2  # 58 -> 64 per thread

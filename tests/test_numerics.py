@@ -1,4 +1,7 @@
-"""The seed's formulas, hard numerics, layouts, in-place gradients and poisoned outputs."""
+"""The seed's formulas, hard numerics, layouts, in-place gradients and poisoned outputs.
+
+Tests of the fused forward run on both of its paths (the conftest fixture fused_path).
+"""
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import softmax_ce_gpu as sc
 from softmax_ce_gpu import _backend, _ops as sc_ops, reference as ref_backend
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_sum_gradient_is_softmax_minus_onehot():
     """dL/dx = p - e_y for reduction='sum' (the seed's formula, in float64)."""
     x, t, _ = make_case(6, 200, torch.float32)
@@ -19,6 +23,7 @@ def test_sum_gradient_is_softmax_minus_onehot():
     assert_close(grad, expected, torch.float32)
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_gradient_is_jacobian_transpose_product():
     """dL/dx = J^T dL/dp with J = diag(p) - p p^T, dL/dp = -y / p, built explicitly per row."""
     x, t, w = make_case(3, 12, torch.float32, weight=True)
@@ -31,6 +36,7 @@ def test_gradient_is_jacobian_transpose_product():
         assert_close(grad[r], J.T @ (-y / p), torch.float32)
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_padding_with_minus_inf_contributes_nothing():
     V, pad = 300, 45
     x, t, _ = make_case(5, V, torch.float32)
@@ -53,6 +59,7 @@ def test_padding_with_minus_inf_contributes_nothing():
     assert torch.count_nonzero(grad[:, V:]) == 0
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_label_smoothing_on_padding_is_infinite_like_torch():
     x = torch.tensor([[0.0, float("-inf"), 1.0]], device=DEVICE)
     t = torch.tensor([0], device=DEVICE)
@@ -60,6 +67,7 @@ def test_label_smoothing_on_padding_is_infinite_like_torch():
     assert loss.item() == float("inf") == F.cross_entropy(x, t, label_smoothing=0.1).item()
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("scale", [1e3, 1e5])
 def test_huge_logits(scale):
     x, t, _ = make_case(5, 500, torch.float32, scale=scale)
@@ -67,6 +75,7 @@ def test_huge_logits(scale):
     check(x, t, dtype=torch.float32, label_smoothing=0.1, z_loss=1e-4)
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("margin", [12.0, 30.0, 60.0])
 def test_confident_prediction_keeps_true_class_gradient(margin):
     """p_c -> 1: the true-class gradient p_c - 1 must keep its digits, not cancel to 0."""
@@ -89,6 +98,7 @@ def test_confident_prediction_keeps_true_class_gradient(margin):
     assert_close(grad, expected, torch.bfloat16)
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_row_strided_input_needs_no_copy():
     base = torch.randn(6, 333, device=DEVICE)
     x = base[:, 7:7 + 300]                     # row stride 333, no copy
@@ -107,6 +117,7 @@ _INT64_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
 import softmax_ce_gpu as sc
+from softmax_ce_gpu.kernels import tuning
 from test_cross_entropy import reference
 from helpers import assert_close
 torch.manual_seed(0)
@@ -119,7 +130,8 @@ x = storage.as_strided((N, V), {strides})
 x.copy_(torch.randn(N, V, device=dev).bfloat16())
 storage[64:64 + V] = 50.0  # where a wrapped int32 offset of index 4 would land
 t = torch.randint(0, V, (N,), device=dev)
-loss, grad = sc.cross_entropy_with_grad(x, t, reduction="none")
+with tuning.use_fused_path({path!r}, segment={segment}):
+    loss, grad = sc.cross_entropy_with_grad(x, t, reduction="none")
 ref, x64 = reference(x.clone(), t, reduction="none")
 ref.sum().backward()
 assert_close(loss, ref, torch.bfloat16)
@@ -128,8 +140,9 @@ print("OK")
 """
 
 
+@pytest.mark.parametrize("path", ["two-sweep", "single"])
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_int64_offsets(layout):
+def test_int64_offsets(layout, path):
     """Rows (or columns) k * (2^30 + 16) elements apart: past index 1 an int32 offset wraps.
 
     An int32 offset makes index 2 negative (a crash) or index 4 land on index 0's data
@@ -143,7 +156,8 @@ def test_int64_offsets(layout):
     big = 2 ** 30 + 16
     N, V, strides = (5, 64, (big, 1)) if layout == "rows" else (3, 5, (1, big))
     script = _INT64_SCRIPT.format(tests=os.path.dirname(__file__), device=DEVICE, N=N, V=V,
-                                  strides=strides)
+                                  strides=strides, path=path,
+                                  segment=16 if path == "single" else None)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=600)
     if "NO-MEMORY" in run.stdout:
@@ -151,6 +165,7 @@ def test_int64_offsets(layout):
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-2000:]
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_with_grad_writes_every_element_and_nothing_else(reduction):
     """out is a NaN-poisoned view inside a larger NaN buffer: all of it written, the guards not."""
@@ -170,6 +185,7 @@ def test_with_grad_writes_every_element_and_nothing_else(reduction):
     assert_close(grad, x64.grad, torch.bfloat16)
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_with_grad_in_place_into_logits():
     x, t, _ = make_case(4, 100, torch.float16)
     x0 = x.clone()
@@ -181,6 +197,7 @@ def test_with_grad_in_place_into_logits():
     assert_close(x, x64.grad, torch.float16)
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward(reduction, dtype):
@@ -216,6 +233,7 @@ def test_inplace_backward_without_grad_leaves_logits_alone():
     assert torch.equal(x, x0)
 
 
+@pytest.mark.usefixtures("fused_path")
 def test_default_path_never_writes_the_callers_tensors():
     x, t, w = make_case(4, 80, torch.bfloat16, weight=True)
     xg = x.clone().requires_grad_()
@@ -251,6 +269,7 @@ def test_backend_choice():
         assert _backend.backend_for("f", x) is _backend.kernels
 
 
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (host-sync detection)")
 def test_no_host_sync_on_cuda():
     x, t, w = make_case(64, 4096, torch.bfloat16, weight=True, ignore=True)
