@@ -123,3 +123,12 @@ def model_grads(model, fn, *args):
     out = fn(*args)
     out.backward()
     return out.detach(), [q.grad.clone() for q in model.parameters()]
+
+
+def head_inputs(N, H, V, device):
+    """(hidden (N, H), class ids (N,) with row 1 = 3, probabilities (N, V)) for a model head."""
+    h = torch.randn(N, H, device=device)
+    t = torch.randint(0, V, (N,), device=device)
+    t[1] = 3
+    p = torch.rand(N, V, device=device).softmax(1)
+    return h, t, p

@@ -8,7 +8,7 @@ implementation; the autograd Functions around them are traced by dynamo.
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import assert_close, model_grads
+from helpers import assert_close, head_inputs, model_grads
 
 import softmax_ce_gpu as sc
 from softmax_ce_gpu import _ops
@@ -34,11 +34,7 @@ class TinyLM(torch.nn.Module):
 
 
 def _inputs(N=6, H=16, V=40):
-    h = torch.randn(N, H, device=DEVICE)
-    t = torch.randint(0, V, (N,), device=DEVICE)
-    t[1] = 3
-    p = torch.rand(N, V, device=DEVICE).softmax(1)
-    return h, t, p
+    return head_inputs(N, H, V, DEVICE)
 
 
 def test_no_graph_break():

@@ -10,7 +10,7 @@ among the allocations of the compiled code as it runs (test_linear's allocation 
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import OpRecorder, assert_close, model_grads
+from helpers import OpRecorder, assert_close, head_inputs, model_grads
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._pytree import tree_leaves
 
@@ -42,11 +42,7 @@ class LinearHead(torch.nn.Module):
 
 
 def _inputs(N=6, H=8, V=40):
-    h = torch.randn(N, H, device=DEVICE)
-    t = torch.randint(0, V, (N,), device=DEVICE)
-    t[1] = 3
-    p = torch.rand(N, V, device=DEVICE).softmax(1)
-    return h, t, p
+    return head_inputs(N, H, V, DEVICE)
 
 
 def test_no_graph_break():
