@@ -9,6 +9,9 @@
 # Run from the repository root:  bash bench/gpu_session.sh
 # Carry Liger-Kernel as a wheel in .whl/ (the device README says how); without it the
 # liger provider is recorded as skipped. DRYRUN=1 runs every step at toy sizes on CPU.
+# A device command runs at most 10 minutes: PART=1 (tests, sanitizers, host-sync check,
+# GEMM rate) and PART=2 (sweep and benchmarks) split the session in two commands; the
+# default runs both.
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-$REPO/gpu_out}
@@ -44,6 +47,10 @@ else
     SHAPES_FP32=32768x32000; DEVICE=cuda
 fi
 
+PART=${PART:-all}
+part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+
+if part 1; then
 step "single-launch kernel"
 timeout 120 $PY -m pytest "$REPO/tests/test_single_pass.py" -q -x -p no:cacheprovider \
     -k "gpu or full_vocabulary" 2>&1 | tee "$OUT/pytest_single.log" | tail -5
@@ -53,6 +60,26 @@ step "tests"
 timeout 240 $PY -m pytest "$TESTS" -q -x -p no:cacheprovider -n 4 2>&1 | tee "$OUT/pytest.log" | tail -15 \
   || timeout 240 $PY -m pytest "$TESTS" -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
 
+step "sanitizers (single-pass kernel)"
+if command -v compute-sanitizer >/dev/null 2>&1 && [ "$DEVICE" = cuda ]; then
+    for tool_shape in "racecheck 64 32000" "memcheck 16 128256"; do
+        set -- $tool_shape
+        timeout 90 compute-sanitizer --tool "$1" --print-limit 20 \
+            $PY -m softmax_ce_gpu.bench.gpu_checks single "$2" "$3" 2>&1 \
+            | tee "$OUT/sanitizer_$1.log" | tail -4
+    done
+else
+    echo "compute-sanitizer or CUDA not available: skipped" | tee "$OUT/sanitizer.log"
+fi
+
+step "host syncs (torch.cuda.set_sync_debug_mode('error'), every entry point)"
+timeout 120 $PY -m softmax_ce_gpu.bench.gpu_checks sync 2>&1 | tee "$OUT/sync_debug.log" | tail -20
+
+step "bf16 GEMM rate"
+timeout 60 $PY -m softmax_ce_gpu.bench.gpu_checks gemm 2>&1 | tee "$OUT/gemm.log"
+fi
+
+if part 2; then
 step "tuning sweep"
 if [ "$DEVICE" = cuda ]; then
     timeout 180 $PY -m softmax_ce_gpu.bench.sweep --shapes 8192x128256,4096x256000,32768x32000 \
@@ -67,4 +94,11 @@ timeout 240 $PY -m softmax_ce_gpu.bench.cli --device $DEVICE --ops cross_entropy
 timeout 90 $PY -m softmax_ce_gpu.bench.cli --device $DEVICE --ops cross_entropy --dtypes fp32 \
     --shapes $SHAPES_FP32 --providers $PROVIDERS --out "$OUT/bench_fp32" 2>"$OUT/bench_fp32.err" \
     | tee "$OUT/bench_fp32.txt" | tail -8
+
+step "linear_cross_entropy benchmark (N x V with H = 4096)"
+if [ "${DRYRUN:-0}" = 1 ]; then LSHAPES=8x300; else LSHAPES=8192x128256; fi
+timeout 180 $PY -m softmax_ce_gpu.bench.cli --device $DEVICE --ops linear_cross_entropy \
+    --dtypes bf16 --shapes $LSHAPES --providers softmax_ce_gpu,torch_lce,torch,liger,cce \
+    --out "$OUT/bench_linear" 2>"$OUT/bench_linear.err" | tee "$OUT/bench_linear.txt" | tail -12
+fi
 step "done"

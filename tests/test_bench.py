@@ -330,3 +330,21 @@ def test_sweep_covers_both_fused_paths(monkeypatch):
                    ("single", 4096, 8, "ok")], got
     assert set(seen) == {("two-sweep", 256, 4), ("single", 128, 4), ("single", 4096, 8)}
     assert ce_kernels.row_config is tuning.row_config and not tuning._overrides
+
+
+def test_gpu_checks_entry_points_run_and_exit_cleanly_without_a_gpu(capsys):
+    """bench/gpu_checks.py: every entry point of the sync check runs (here on CPU, small),
+    and each subcommand says it is skipped and exits 0 without a CUDA device."""
+    from conftest import DEVICE
+
+    import softmax_ce_gpu as sc
+    from softmax_ce_gpu.bench import gpu_checks
+
+    cases = gpu_checks.entry_points(torch, sc, DEVICE, N=8, V=40, H=16)
+    assert len(cases) >= 14
+    for name, call in cases:
+        call()
+    if DEVICE == "cpu":
+        for argv in (["sync"], ["single", "4", "100"], ["gemm"]):
+            assert gpu_checks.main(argv) == 0
+        assert capsys.readouterr().out.count("skipped") == 3
