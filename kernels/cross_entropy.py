@@ -171,6 +171,38 @@ def _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V, ignore_index, l
 
 
 @triton.jit
+def _row_target(target_ptr, weight_ptr, row, stride_t_row, V, ignore_index, label_smoothing,
+                HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr):
+    """(valid, c, w_c, coef_c) of any row: _sparse_target's for class ids; for probability
+    targets always valid, no target column (c = -1) and no sparse part (w_c = coef_c = 0)."""
+    if PROB_TARGET:
+        valid = row >= 0  # always true: probability targets have no ignore_index
+        c = row * 0 - 1
+        w_c = 0.0
+        coef_c = 0.0
+    else:
+        valid, c, w_c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
+                                               ignore_index, label_smoothing, HAS_WEIGHT)
+    return valid, c, w_c, coef_c
+
+
+@triton.jit
+def _target_column_grad(z_c, dz_c, m, logd, coef_c, coef_p, w_c, label_smoothing, V, scale,
+                        HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The gradient of a class-index row's target column c, times scale:
+    (1 - e) w_c (p_c - 1) + p_c (S' - (1 - e) w_c) - a_c, with p_c - 1 = expm1(z_c - lse),
+    so that a confident prediction (p_c -> 1) keeps the digits of 1 - p_c."""
+    u_c = (z_c - m) - logd
+    g_c = coef_c * _expm1(u_c) + tl.exp(u_c) * (coef_p - coef_c)
+    if HAS_SMOOTHING:
+        g_c -= _div(label_smoothing, V) * w_c
+    g_c = g_c * scale
+    if HAS_SOFTCAP:
+        g_c = g_c * dz_c
+    return g_c
+
+
+@triton.jit
 def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr, dt_row_ptr,
                     stride_x_col, stride_t_col, stride_g_col, stride_dt_col,
                     V, label_smoothing, z_loss, inv_softcap,
@@ -199,13 +231,8 @@ def _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, g_row_ptr, dt_row_ptr,
     c32 = c.to(tl.int32)  # in [0, V) or -1 (no column): cols are int32
     g_c = 0.0
     if not PROB_TARGET:
-        u_c = (z_c - m) - logd
-        g_c = coef_c * _expm1(u_c) + tl.exp(u_c) * (coef_p - coef_c)
-        if HAS_SMOOTHING:
-            g_c -= _div(label_smoothing, V) * w_c
-        g_c = g_c * scale
-        if HAS_SOFTCAP:
-            g_c = g_c * dz_c
+        g_c = _target_column_grad(z_c, dz_c, m, logd, coef_c, coef_p, w_c, label_smoothing, V,
+                                  scale, HAS_SMOOTHING, HAS_SOFTCAP)
     if valid:
         # p_j = exp2((z_j - m) log2 e - log d log2 e): z_j - m is exact near the max (where
         # p_j is large), the rest one FFMA into the MUFU
@@ -278,14 +305,8 @@ def _cross_entropy_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     t_row_ptr = target_ptr + row * stride_t_row
-    if PROB_TARGET:
-        valid = row >= 0  # always true: probability targets have no ignore_index
-        c = row * 0 - 1
-        w_c = 0.0
-        coef_c = 0.0
-    else:
-        valid, c, w_c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
-                                               ignore_index, label_smoothing, HAS_WEIGHT)
+    valid, c, w_c, coef_c = _row_target(target_ptr, weight_ptr, row, stride_t_row, V,
+                                        ignore_index, label_smoothing, HAS_WEIGHT, PROB_TARGET)
 
     n_read = tl.where(valid, V, 0)  # an ignored row reads nothing
     # Per-lane state: lane l sees one element of each chunk and keeps its own running max
@@ -450,14 +471,9 @@ def _cross_entropy_bwd_kernel(
     x_row_ptr = logits_ptr + row * stride_x_row
     z_c = 0.0
     dz_c = 0.0
-    if PROB_TARGET:
-        valid = row >= 0
-        c = row * 0 - 1
-        w_c = 0.0
-        coef_c = 0.0
-    else:
-        valid, c, w_c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
-                                               ignore_index, label_smoothing, HAS_WEIGHT)
+    valid, c, w_c, coef_c = _row_target(target_ptr, weight_ptr, row, stride_t_row, V,
+                                        ignore_index, label_smoothing, HAS_WEIGHT, PROB_TARGET)
+    if not PROB_TARGET:
         z_c, dz_c = _load_z(x_row_ptr, c, valid, stride_x_col, inv_softcap, HAS_SOFTCAP)
     m = tl.load(stats_ptr + stride_stats + row)
     logd = tl.load(stats_ptr + 2 * stride_stats + row)

@@ -90,12 +90,11 @@ from .cross_entropy import (
     _FLT_MAX,
     _LOG2E,
     _dense_target,
-    _div,
-    _expm1,
     _flags,
     _load_z,
     _log1p,
-    _sparse_target,
+    _row_target,
+    _target_column_grad,
     _target_strides,
     softcap_scalar,
 )
@@ -264,14 +263,8 @@ def _cross_entropy_single_kernel(
     x_row_ptr = logits_ptr + row * stride_x_row
     t_row_ptr = target_ptr + row * stride_t_row
     g_row_ptr = grad_ptr + row * stride_g_row
-    if PROB_TARGET:
-        valid = row >= 0  # always true: probability targets have no ignore_index
-        c = row * 0 - 1
-        w_c = 0.0
-        coef_c = 0.0
-    else:
-        valid, c, w_c, coef_c = _sparse_target(target_ptr, weight_ptr, row, stride_t_row, V,
-                                               ignore_index, label_smoothing, HAS_WEIGHT)
+    valid, c, w_c, coef_c = _row_target(target_ptr, weight_ptr, row, stride_t_row, V,
+                                        ignore_index, label_smoothing, HAS_WEIGHT, PROB_TARGET)
     c32 = c.to(tl.int32)  # in [0, V), 0 on an ignored row, -1 for probabilities
     holds_c = (c32 >= first) & (c32 < first + SEGMENT)
     if PROB_TARGET:
@@ -356,14 +349,8 @@ def _cross_entropy_single_kernel(
             g = g * dz
         if not PROB_TARGET:
             if holds_c:
-                # (1 - e) w_c (p_c - 1) + p_c (S' - (1 - e) w_c) - a_c, with p_c - 1 = expm1
-                u_c = (z_c - m) - logd
-                g_c = coef_c * _expm1(u_c) + tl.exp(u_c) * (coef_p - coef_c)
-                if HAS_SMOOTHING:
-                    g_c -= _div(label_smoothing, V) * w_c
-                g_c = g_c * scale
-                if HAS_SOFTCAP:
-                    g_c = g_c * dz_c
+                g_c = _target_column_grad(z_c, dz_c, m, logd, coef_c, coef_p, w_c,
+                                          label_smoothing, V, scale, HAS_SMOOTHING, HAS_SOFTCAP)
                 g = tl.where(cols == c32, g_c, g)
             g = tl.where(valid, g, 0.0)  # an ignored row's p is NaN (-inf - -inf): zeros
         tl.store(g_row_ptr + cols.to(tl.int64) * stride_g_col,
