@@ -126,9 +126,14 @@ def _segment_stats(z, a, DENSE: tl.constexpr):
     m = tl.max(z, axis=0)
     top = z == m
     rest = tl.sum(tl.where(top, 0.0, tl.math.exp2((z - m) * _LOG2E)), axis=0)
-    s = (tl.sum(top.to(tl.float32), axis=0) - 1.0) + rest
-    empty = m == -float("inf")  # no finite logit: d = 0, a finite max for the exchange
-    s = tl.where(empty, -1.0, s)
+    n_top = tl.sum(top.to(tl.float32), axis=0)
+    s = (n_top - 1.0) + rest
+    # max -inf: no finite logit, d = 0 (s = -1), and a finite max for the exchange. tl.max
+    # skips NaN, so a segment of NaN and -inf only lands here too; every lane that is not
+    # NaN then equals the max (masked lanes are -inf), so fewer than all lanes at the max
+    # means a NaN, which must reach the row (as in the two-sweep kernel and torch)
+    empty = m == -float("inf")
+    s = tl.where(empty, tl.where(n_top < z.shape[0], float("nan"), -1.0), s)
     m = tl.where(empty, -_FLT_MAX, m)
     A = 0.0
     B = 0.0

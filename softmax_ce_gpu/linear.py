@@ -64,10 +64,10 @@ are D = d1 * ... * dK independent (V, H) heads over the same input: they run
 one after another, sharing the device-side mean denominator.
 
 Differences from torch.nn.functional.linear_cross_entropy (torch 2.13), by design:
-bad input raises TypeError/ValueError (torch: RuntimeError); no gradient flows
-to a probability target (torch's reference path gives one; ours refuses a
-target that requires grad); `options` is accepted but only its batch_chunk_size
-and allow_retain_graph apply; input may also be (..., H), flattened to rows.
+bad input raises TypeError/ValueError (torch: RuntimeError); `options` is
+accepted but only its batch_chunk_size and allow_retain_graph apply; input may
+also be (..., H), flattened to rows. A probability target that requires grad
+gets torch's gradient, written by the kernel with each chunk's dlogits.
 """
 
 import math

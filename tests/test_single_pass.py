@@ -320,6 +320,33 @@ def test_plus_inf_logit_gives_nan_like_torch(single):
     assert single
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1)], ids=_opt_id)
+@pytest.mark.parametrize("case", ["nan-alone-in-last-segment", "nan-and-minus-inf-segment",
+                                  "one-nan-among-minus-inf"])
+def test_nan_logit_in_a_segment_without_finite_logits_gives_nan(single, case, opts):
+    """tl.max skips NaN: a segment whose only values are NaN and -inf has max -inf, like a
+    segment of padding. Its NaN must still make the row NaN, as in torch (found by an
+    adversarial test: the row came out finite, with one NaN in its gradient)."""
+    x = torch.randn(3, 2 * SEGMENT + 1, device=DEVICE)
+    if case == "nan-alone-in-last-segment":  # the last segment is one column
+        x[0, 2 * SEGMENT] = float("nan")
+    elif case == "nan-and-minus-inf-segment":
+        x[0, SEGMENT:2 * SEGMENT] = float("nan")
+        x[0, SEGMENT] = float("-inf")
+    else:
+        x[0, SEGMENT:2 * SEGMENT] = float("-inf")
+        x[0, SEGMENT + 5] = float("nan")
+    t = torch.tensor([0, 2, 2 * SEGMENT], device=DEVICE)
+    loss, grad = sc.cross_entropy_with_grad(x, t, reduction="none", **opts)
+    ref, x64 = reference(x, t, reduction="none", **opts)
+    ref.sum().backward()
+    assert torch.isnan(loss[0]) and torch.isnan(ref[0])
+    assert torch.isnan(grad[0]).all() and torch.isnan(x64.grad[0]).all()
+    assert_close(loss[1:], ref[1:], torch.float32)
+    assert_close(grad[1:], x64.grad[1:], torch.float32)
+    assert single
+
+
 # ----------------------------------------------------------------------------- full vocabularies
 
 
