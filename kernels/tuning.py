@@ -84,7 +84,7 @@ AUTO_SINGLE = False
 # logits a thread of the single-pass kernel holds: with z alone (16 fp32 registers),
 # or with z and dz/dx or a (softcap, dense targets: 2 or 3 x 8 registers); half of it
 # when V is not a multiple of 16. ptxas (softmax-ce-bench inspect, sm_90, triton 3.9):
-# 40 registers for plain bf16 at 16 warps (3 programs per SM; 54 on triton 3.6: 2); with
+# 45 registers for plain bf16 at 16 warps (2 programs per SM, as on triton 3.6); with
 # softcap or a dense target the launcher caps them at 64 (2 per SM), without spills
 ELEMENTS_PER_THREAD = 16
 ELEMENTS_PER_THREAD_HEAVY = 8
