@@ -19,6 +19,7 @@ which stays the one place configurations are chosen.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -54,9 +55,8 @@ def sweep(shapes, dtype, paths=("two-sweep", "single"), device="cuda"):
     import triton
 
     import softmax_ce_gpu as sc
-    from softmax_ce_gpu.kernels import cross_entropy as ce_kernels, tuning
+    from softmax_ce_gpu.kernels import tuning
 
-    chosen = tuning.row_config
     # the forward-progress cap of the single-pass kernel (an H200's 132 off a GPU: dry runs)
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if torch.device(device).type == "cuda" else 132)
@@ -68,7 +68,7 @@ def sweep(shapes, dtype, paths=("two-sweep", "single"), device="cuda"):
         es = x.element_size()
         plans = []
         if "two-sweep" in paths:
-            today = chosen(v, es)
+            today = tuning.row_config(v, es)
             for block, warps in CANDIDATES:
                 if block <= 4 * triton.next_power_of_2(v):
                     plans.append(("two-sweep", block, warps, (block, warps) == tuple(today)))
@@ -78,11 +78,13 @@ def sweep(shapes, dtype, paths=("two-sweep", "single"), device="cuda"):
                 if -(-v // segment) <= sms and segment >= 32 * warps:
                     plans.append(("single", segment, warps, (segment, warps) == tuple(today)))
         for path, block, warps, is_today in plans:
+            ctx = contextlib.ExitStack()
             if path == "two-sweep":
-                ce_kernels.row_config = lambda *args, b=block, w=warps, **kw: (b, w)
-                ctx = tuning.use_fused_path("two-sweep")
+                ctx.enter_context(tuning.use_fused_path("two-sweep"))
+                ctx.enter_context(tuning.use_row_config(block, warps))
             else:
-                ctx = tuning.use_fused_path("single", segment=block, num_warps=warps)
+                ctx.enter_context(tuning.use_fused_path("single", segment=block,
+                                                        num_warps=warps))
             try:
                 with ctx:
                     err_loss, err_grad = _errors(sc, x, t, head)
@@ -91,8 +93,6 @@ def sweep(shapes, dtype, paths=("two-sweep", "single"), device="cuda"):
             except Exception as exc:  # a configuration that fails to compile or run
                 ms, err_loss, err_grad = None, None, None
                 status = f"error: {str(exc).splitlines()[0][:80]}"
-            finally:
-                ce_kernels.row_config = chosen
             gbps = 2 * n * v * es / (ms * 1e-3) / 1e9 if ms else None
             records.append(dict(n=n, v=v, dtype=str(dtype).replace("torch.", ""), path=path,
                                 block=block, num_warps=warps, ms=ms, gbps=gbps,

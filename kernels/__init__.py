@@ -50,20 +50,26 @@ else:
             return max(1, _sm_count(index) // 2)
         return None  # the interpreter: the single path's exchange runs as two launches
 
-    def cross_entropy_fwd(logits, target, weight, *, grad=None, **kw):
+    def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss,
+                          softcap, grad=None, grad_scale=None, stats=None, with_stats=False,
+                          dtarget=None):
         """The forward launcher (kernels/cross_entropy.py's contract). With ``grad`` (the
         fused loss + gradient) it runs the path tuning.fused_path picks: the single-pass
         kernel of kernels/cross_entropy_single.py, or the two-sweep kernel, which also
         takes every call with per-row statistics (with_stats) or a target gradient."""
-        if (grad is not None and not kw.get("with_stats") and kw.get("dtarget") is None
+        if (grad is not None and not with_stats and dtarget is None
                 and tuning.single_requested()):
-            flags = _flags(target, weight, kw["label_smoothing"], kw["z_loss"], kw["softcap"])
-            V = logits.shape[1]
-            if tuning.fused_path(V, logits.element_size(), flags,
+            flags = _flags(target, weight, label_smoothing, z_loss, softcap)
+            if tuning.fused_path(logits.shape[1], logits.element_size(), flags,
                                  _resident_programs(logits.device)) == "single":
-                rest = {k: v for k, v in kw.items() if k not in ("with_stats", "dtarget")}
-                return cross_entropy_single_fwd(logits, target, weight, grad=grad, **rest)
-        return _two_sweep_fwd(logits, target, weight, grad=grad, **kw)
+                return cross_entropy_single_fwd(
+                    logits, target, weight, ignore_index=ignore_index,
+                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, grad=grad,
+                    grad_scale=grad_scale, stats=stats)
+        return _two_sweep_fwd(logits, target, weight, ignore_index=ignore_index,
+                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                              grad=grad, grad_scale=grad_scale, stats=stats,
+                              with_stats=with_stats, dtarget=dtarget)
 
     __all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_single_fwd",
                "cross_entropy_bwd", "scale_grad", "loss_scale", "loss_reduce", "softmax_fwd",

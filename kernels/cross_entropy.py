@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import row_config
+from . import tuning
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): exp2 is one MUFU.EX2
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -539,8 +539,38 @@ def _flags(target, weight, label_smoothing, z_loss, softcap):
 
 def _target_strides(target):
     if target.dim() == 2:
-        return target.stride(0), target.stride(1)
+        return target.stride()
     return target.stride(0), 0
+
+
+# The constexprs of a launch (the option flags, BLOCK_V, num_warps, ...) depend on a few
+# booleans and the row's length only: built once per such key and kept (a launch then
+# costs one dict lookup instead of a dozen small calls: softmax-ce-bench overhead). Not
+# while tuning.use_row_config overrides the table (bench/sweep.py), which they would hide.
+_META = {}
+
+
+def _launch_meta(kind, V, element_size, has_weight, prob, smoothing, z, softcap, target_grad,
+                 with_stats=False, fuse=False):
+    """The constexpr keyword arguments of a forward ("fwd") or backward ("bwd") launch."""
+    key = (kind, V, element_size, has_weight, prob, smoothing, z, softcap, target_grad,
+           with_stats, fuse)
+    meta = _META.get(key)
+    if meta is None or tuning.row_config_overridden():
+        flags = dict(HAS_WEIGHT=has_weight, PROB_TARGET=prob, HAS_SMOOTHING=smoothing,
+                     HAS_Z_LOSS=z, HAS_SOFTCAP=softcap)
+        heavy = has_weight or prob or smoothing or z or softcap or target_grad
+        if kind == "fwd":
+            block, num_warps = tuning.row_config(V, element_size, heavy, with_stats)
+            meta = dict(FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, STATS=with_stats,
+                        TARGET_GRAD=target_grad, **flags)
+        else:
+            block, num_warps = tuning.row_config(V, element_size, heavy)
+            meta = dict(BLOCK_V=block, num_warps=num_warps, WRITE_X=fuse,
+                        TARGET_GRAD=target_grad, **flags)
+        if not tuning.row_config_overridden():
+            _META[key] = meta
+    return meta
 
 
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
@@ -551,7 +581,8 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     any strides; target (N,) integer ids in [0, V) or ignore_index, or (N, V) float
     probabilities; weight None or (V,) contiguous; all on one device; N >= 1.
     grad: None, or an (N, V) tensor of the logits' dtype (it may be the logits themselves)
-    that receives grad_scale * dl/dx; grad_scale: () fp32 tensor on the same device.
+    that receives grad_scale * dl/dx; grad_scale: an fp32 tensor on the same device whose
+    first element is the factor (a () tensor, or loss_scale's (3,)).
     stats: None, or a (4, N) fp32 tensor ((7, N) with with_stats) with unit column stride
     to write the stats into. with_stats: rows 4-6 get lse, the entropy and whether the
     argmax is the target (1.0 / 0.0). dtarget: None, or an (N, V) tensor of the
@@ -571,18 +602,21 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     target_grad = dtarget is not None
     if not target_grad:
         dtarget = logits  # not written: TARGET_GRAD=False
-    flags = _flags(target, weight, label_smoothing, z_loss, softcap)
-    block, num_warps = row_config(V, logits.element_size(), heavy=any(flags.values()) or target_grad,
-                                  stats=with_stats)
+    meta = _launch_meta("fwd", V, logits.element_size(), weight is not None,
+                        target.is_floating_point(),
+                        label_smoothing > 0.0, z_loss > 0.0, softcap is not None, target_grad,
+                        with_stats, fuse)
+    stride_x_row, stride_x_col = logits.stride()
     stride_t_row, stride_t_col = _target_strides(target)
+    stride_g_row, stride_g_col = grad.stride()
+    stride_dt_row, stride_dt_col = dtarget.stride()
     _cross_entropy_fwd_kernel[(N,)](
-        logits, target, weight if weight is not None else stats, stats, grad, grad_scale, dtarget,
-        logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
-        grad.stride(0), grad.stride(1), dtarget.stride(0), dtarget.stride(1), stats.stride(0),
+        logits, target, stats if weight is None else weight, stats, grad, grad_scale, dtarget,
+        stride_x_row, stride_x_col, stride_t_row, stride_t_col,
+        stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stats.stride(0),
         V,
-        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
-        FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, STATS=with_stats,
-        TARGET_GRAD=target_grad, **flags,
+        ignore_index, float(label_smoothing), float(z_loss),
+        0.0 if softcap is None else softcap_scalar(softcap), **meta,
     )
     return stats
 
@@ -593,27 +627,31 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
 
     Preconditions: as cross_entropy_fwd; stats the (4, N) fp32 tensor it returned (or a view
     with unit column stride); dloss (N,) (one upstream gradient per row) or () (one for all rows);
-    grad_scale () fp32; grad None or (N, V) of the logits' dtype (it may be the logits
+    grad_scale as in cross_entropy_fwd; grad None or (N, V) of the logits' dtype (it may be the logits
     themselves); dtarget None or (N, V) of the probability target's dtype, which receives
     dloss * grad_scale * d loss / d target. At least one of grad and dtarget.
     """
     N, V = logits.shape
-    flags = _flags(target, weight, label_smoothing, z_loss, softcap)
     target_grad = dtarget is not None
-    block, num_warps = row_config(V, logits.element_size(),
-                                  heavy=any(flags.values()) or target_grad)
+    write_x = grad is not None
+    meta = _launch_meta("bwd", V, logits.element_size(), weight is not None,
+                        target.is_floating_point(), label_smoothing > 0.0, z_loss > 0.0, softcap is not None, target_grad,
+                        False, write_x)
     stride_t_row, stride_t_col = _target_strides(target)
     stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
-    write_x = grad is not None
     g = grad if write_x else logits  # not written without WRITE_X
     dt = dtarget if target_grad else logits  # not written without TARGET_GRAD
+    stride_x_row, stride_x_col = logits.stride()
+    stride_g_row, stride_g_col = g.stride()
+    stride_dt_row, stride_dt_col = dt.stride()
     _cross_entropy_bwd_kernel[(N,)](
-        logits, target, weight if weight is not None else stats, stats, dloss, grad_scale, g, dt,
-        logits.stride(0), logits.stride(1), stride_t_row, stride_t_col,
-        g.stride(0), g.stride(1), dt.stride(0), dt.stride(1), stride_dloss, stats.stride(0),
+        logits, target, stats if weight is None else weight, stats, dloss, grad_scale, g, dt,
+        stride_x_row, stride_x_col, stride_t_row, stride_t_col,
+        stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stride_dloss,
+        stats.stride(0),
         V,
-        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap),
-        BLOCK_V=block, num_warps=num_warps, WRITE_X=write_x, TARGET_GRAD=target_grad, **flags,
+        ignore_index, float(label_smoothing), float(z_loss),
+        0.0 if softcap is None else softcap_scalar(softcap), **meta,
     )
     return grad
 
@@ -624,7 +662,8 @@ def scale_grad(grad, dloss):
     Preconditions: grad (N, V) fp32/bf16/fp16 with N >= 1, any strides; dloss () on its device.
     """
     N, V = grad.shape
-    block, num_warps = row_config(V, grad.element_size())
-    _scale_grad_kernel[(N,)](grad, dloss, grad.stride(0), grad.stride(1), V,
+    block, num_warps = tuning.row_config(V, grad.element_size())
+    stride_row, stride_col = grad.stride()
+    _scale_grad_kernel[(N,)](grad, dloss, stride_row, stride_col, V,
                              BLOCK_V=block, num_warps=num_warps)
     return grad

@@ -50,14 +50,9 @@ _CHUNK_BYTES = 16384
 _MIN_BLOCK = 16
 
 
-@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
-def row_config(V: int, element_size: int, heavy: bool = False, stats: bool = False) -> tuple:
-    """(BLOCK_V, num_warps) for a row-wise sweep over V elements of the given size.
-
-    heavy: the kernel carries options that add per-element work (see above); stats: it also
-    keeps the per-row statistics' lane state (the entropy's sum, the argmax and its column:
-    three more registers per element), which halves the chunk once more.
-    """
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments
+def _row_config_table(V: int, element_size: int, heavy: bool = False, stats: bool = False) -> tuple:
+    """row_config's table (without the override of use_row_config)."""
     cap = max(_MIN_BLOCK, _CHUNK_BYTES // element_size)
     if heavy or V % 16:
         cap //= 2
@@ -71,6 +66,41 @@ def row_config(V: int, element_size: int, heavy: bool = False, stats: bool = Fal
     else:
         num_warps = 16
     return block, num_warps
+
+
+_row_overrides = []  # stack of (BLOCK_V, num_warps) set by use_row_config
+
+
+def row_config(V: int, element_size: int, heavy: bool = False, stats: bool = False) -> tuple:
+    """(BLOCK_V, num_warps) for a row-wise sweep over V elements of the given size.
+
+    heavy: the kernel carries options that add per-element work (see above); stats: it also
+    keeps the per-row statistics' lane state (the entropy's sum, the argmax and its column:
+    three more registers per element), which halves the chunk once more.
+    Within use_row_config, its (BLOCK_V, num_warps) instead.
+    """
+    if _row_overrides:
+        return _row_overrides[-1]
+    return _row_config_table(V, element_size, heavy, stats)
+
+
+def row_config_overridden() -> bool:
+    """Whether use_row_config is in force (launchers then do not keep what they derive)."""
+    return bool(_row_overrides)
+
+
+@contextlib.contextmanager
+def use_row_config(block, num_warps):
+    """Within the block, every row-wise launch takes (block, num_warps) instead of the
+    table's (bench/sweep.py times the candidates this way)."""
+    if block < _MIN_BLOCK or block & (block - 1):
+        raise ValueError(f"use_row_config: block must be a power of two >= {_MIN_BLOCK}, "
+                         f"got {block}")
+    _row_overrides.append((block, num_warps))
+    try:
+        yield
+    finally:
+        _row_overrides.pop()
 
 
 # ----------------------------------------------------------------------------- fused path
@@ -110,11 +140,36 @@ def use_fused_path(path, *, segment=None, num_warps=None):
         _overrides.pop()
 
 
+def _env_reader(name):
+    """A function returning os.environ.get(name), read afresh at each call.
+
+    On CPython's POSIX os.environ that is its own dict lookup, without the KeyError that
+    os.environ.get raises and catches for an unset variable (2 us, on every fused call).
+    """
+    data = getattr(os.environ, "_data", None)
+    encode = getattr(os.environ, "encodekey", None)
+    decode = getattr(os.environ, "decodevalue", None)
+    if os.name != "posix" or not isinstance(data, dict) or encode is None or decode is None:
+        return lambda: os.environ.get(name)
+    key = encode(name)
+
+    def read():
+        value = data.get(key)
+        return None if value is None else decode(value)
+    return read
+
+
+_read_fused_path_env = _env_reader(FUSED_PATH_ENV)
+
+
 def requested_fused_path() -> str:
     """The path asked for: use_fused_path's, else the environment variable's, else auto."""
     if _overrides:
         return _overrides[-1][0]
-    path = os.environ.get(FUSED_PATH_ENV, "auto").strip().lower() or "auto"
+    path = _read_fused_path_env()
+    if path is None:
+        return "auto"
+    path = path.strip().lower() or "auto"
     if path not in FUSED_PATHS:
         raise ValueError(f"{FUSED_PATH_ENV}={path!r}: expected one of {', '.join(FUSED_PATHS)}")
     return path

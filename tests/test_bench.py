@@ -307,12 +307,16 @@ def test_sweep_covers_both_fused_paths(monkeypatch):
     from softmax_ce_gpu.kernels import cross_entropy as ce_kernels, tuning
 
     seen = []
-    two_sweep, single = kernels._two_sweep_fwd, kernels.cross_entropy_single_fwd
+    single = kernels.cross_entropy_single_fwd
+    fwd_kernel = ce_kernels._cross_entropy_fwd_kernel
 
-    def spy_two_sweep(*a, grad=None, **k):
-        if grad is not None:
-            seen.append(("two-sweep",) + ce_kernels.row_config(300, 4))
-        return two_sweep(*a, grad=grad, **k)
+    class SpyKernel:  # what the two-sweep forward launches, configuration included
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta["FUSE_GRAD"]:
+                    seen.append(("two-sweep", meta["BLOCK_V"], meta["num_warps"]))
+                return fwd_kernel[grid](*args, **meta)
+            return launch
 
     def spy_single(*a, **k):
         seen.append(("single",) + tuning.single_config(300, 4))
@@ -321,7 +325,7 @@ def test_sweep_covers_both_fused_paths(monkeypatch):
     monkeypatch.setattr(sweep, "_time", lambda fn: fn() and 1.0)
     monkeypatch.setattr(sweep, "CANDIDATES", ((256, 4),))
     monkeypatch.setattr(sweep, "SINGLE_CANDIDATES", ((128, 4), (4096, 8)))
-    monkeypatch.setattr(kernels, "_two_sweep_fwd", spy_two_sweep)
+    monkeypatch.setattr(ce_kernels, "_cross_entropy_fwd_kernel", SpyKernel())
     monkeypatch.setattr(kernels, "cross_entropy_single_fwd", spy_single)
     records = sweep.sweep([(4, 300)], torch.float32, device="cpu")
     got = [(r["path"], r["block"], r["num_warps"], r["status"]) for r in records]
@@ -329,7 +333,7 @@ def test_sweep_covers_both_fused_paths(monkeypatch):
     assert got == [("two-sweep", 256, 4, "ok"), ("single", 128, 4, "ok"),
                    ("single", 4096, 8, "ok")], got
     assert set(seen) == {("two-sweep", 256, 4), ("single", 128, 4), ("single", 4096, 8)}
-    assert ce_kernels.row_config is tuning.row_config and not tuning._overrides
+    assert not tuning._overrides and not tuning.row_config_overridden()
 
 
 def test_gpu_checks_entry_points_run_and_exit_cleanly_without_a_gpu(capsys):
