@@ -376,8 +376,8 @@ def cross_entropy_single_fwd(logits, target, weight, *, ignore_index, label_smoo
     """Per-row loss, max, log d and S of 2-D logits, and the fused gradient, in one pass.
 
     Preconditions: as kernels.cross_entropy.cross_entropy_fwd with a gradient (grad an
-    (N, V) tensor of the logits' dtype, possibly the logits themselves; grad_scale a ()
-    fp32 tensor), without its statistics and target gradient (with_stats, dtarget);
+    (N, V) tensor of the logits' dtype, possibly the logits themselves; grad_scale an fp32
+    tensor whose first element is the factor), without its statistics and target gradient (with_stats, dtarget);
     N >= 1; and K = ceil(V / SEGMENT) at most the programs the device can hold at once
     (kernels.tuning.fused_path checks it). stats: None, or a (4, N) fp32 tensor with unit
     column stride to write the per-row outputs into.

@@ -2,10 +2,10 @@
 
 Before the loss kernel, one program reads the class ids (and their weights) once:
 
-    denominator = sum over non-ignored rows of w_c    (their count without weights;
-                                                       N for probability targets)
     grad_scale  = 1 / denominator for 'mean', else 1  (the fused gradient's factor; 0 / 0
                                                        gives torch's NaN mean)
+    denominator = sum over non-ignored rows of w_c    (their count without weights;
+                                                       N for probability targets)
     ok          = 1 when every id is in [0, V) or ignore_index, else 0: the host raises
                   on CPU (finding the offending id then), asserts on the device on CUDA
 
@@ -30,7 +30,7 @@ _BLOCK = 1024
 def _loss_scale_kernel(
     target_ptr,      # (N,) integer class ids (unused with PROB_TARGET)
     weight_ptr,      # (V,) fp32 class weights, read if HAS_WEIGHT
-    scale_ptr,       # (3,) fp32 out: denominator, grad_scale, ok (1.0, or 0.0 for a bad id)
+    scale_ptr,       # (3,) fp32 out: grad_scale, denominator, ok (1.0, or 0.0 for a bad id)
     stride_t,
     N, V,
     ignore_index,
@@ -62,15 +62,15 @@ def _loss_scale_kernel(
         grad_scale = 1.0 / denom
     else:
         grad_scale = denom * 0.0 + 1.0
-    tl.store(scale_ptr, denom)
-    tl.store(scale_ptr + 1, grad_scale)
+    tl.store(scale_ptr, grad_scale)
+    tl.store(scale_ptr + 1, denom)
     tl.store(scale_ptr + 2, (tl.max(bad, axis=0) == 0).to(tl.float32))
 
 
 @triton.jit
 def _loss_reduce_kernel(
     loss_ptr,        # (N,) fp32 per-row losses
-    scale_ptr,       # (3,) fp32: denominator, grad_scale, ok (from _loss_scale_kernel)
+    scale_ptr,       # (3,) fp32: grad_scale, denominator, ok (from _loss_scale_kernel)
     out_ptr,         # () out, the loss dtype: sum, or sum / denominator if MEAN
     N,
     MEAN: tl.constexpr, BLOCK: tl.constexpr,
@@ -82,7 +82,7 @@ def _loss_reduce_kernel(
         acc += tl.load(loss_ptr + rows, mask=rows < N, other=0.0)
     total = tl.sum(acc, axis=0)
     if MEAN:
-        total = total / tl.load(scale_ptr)
+        total = total / tl.load(scale_ptr + 1)
     tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
 
 
@@ -90,8 +90,9 @@ def _loss_reduce_kernel(
 
 
 def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32):
-    """(3,) fp32 [denominator, grad_scale, ok] of a loss: ok is 1.0 when every class id is in
-    [0, V) or ignore_index, else 0.0.
+    """(3,) fp32 [grad_scale, denominator, ok] of a loss: ok is 1.0 when every class id is in
+    [0, V) or ignore_index, else 0.0. grad_scale first: the tensor itself is the grad_scale
+    the loss kernels read (their first element), without a view.
 
     Preconditions: target (N,) integer class ids (any stride; N >= 0) or, with prob,
     anything whose first dimension is N (only N is used); weight None or (V,) contiguous
@@ -110,9 +111,10 @@ def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32
 
 
 def loss_reduce(loss_rows, scale, *, mean, dtype):
-    """() tensor of ``dtype``: the sum of loss_rows ((N,) fp32, contiguous), divided by
-    scale[0] when ``mean``."""
+    """() tensor of ``dtype``: the sum of the per-row losses, divided by the denominator
+    scale[1] when ``mean``. loss_rows: (N,) fp32, contiguous, or the (k, N) contiguous stats
+    of a loss launch, whose row 0 they are (passed whole: no view to make)."""
     out = torch.empty((), dtype=dtype, device=loss_rows.device)
-    _loss_reduce_kernel[(1,)](loss_rows, scale, out, loss_rows.shape[0], MEAN=mean,
+    _loss_reduce_kernel[(1,)](loss_rows, scale, out, loss_rows.shape[-1], MEAN=mean,
                               BLOCK=_BLOCK, num_warps=4)
     return out

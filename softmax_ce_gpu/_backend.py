@@ -20,12 +20,18 @@ else:
     _KERNELS_IMPORT_ERROR = None
 
 
-_CHOSEN = {}  # (dtype, device type) -> backend: the choice depends on nothing else
+_CHOSEN = {}  # (dtype, on CUDA, on CPU) -> backend: the choice depends on nothing else
+
+
+def choice_key(t):
+    """What the choice for tensor t depends on: its dtype and device type (is_cuda / is_cpu,
+    not device.type, which builds a torch.device on every call)."""
+    return t.dtype, t.is_cuda, t.is_cpu
 
 
 def backend_for(fn, logits):
     """The module (kernels or reference) whose launchers run this call."""
-    key = (logits.dtype, logits.device.type)
+    key = choice_key(logits)
     backend = _CHOSEN.get(key)
     if backend is None:
         backend = _CHOSEN[key] = _choose(fn, logits)

@@ -15,6 +15,10 @@ import torch
 from torch.nn import _reduction as _torch_reduction
 
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ID_DTYPES = frozenset(getattr(torch, name) for name in (
+    "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64")
+    if hasattr(torch, name))  # (the wide unsigned ones: torch >= 2.3)
+_STRIDED = torch.strided
 _REDUCTIONS = ("mean", "sum", "none")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -52,8 +56,35 @@ def legacy_reduction(size_average, reduce, reduction):
     return _torch_reduction.legacy_get_string(size_average, reduce)
 
 
+_NUMBER = (float, int)
+_NUMBER_OR_NONE = (float, int, type(None))
+_VALID_OPTIONS = {}  # (value, type) of each option -> LossOptions, for options found valid
+
+
 def check_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap) -> LossOptions:
-    """Validate the scalar options shared by every cross-entropy entry point."""
+    """Validate the scalar options shared by every cross-entropy entry point.
+
+    Options of plain Python types that were valid once are looked up (a training loop
+    passes the same ones on every call); the types of the numbers are part of the key, so
+    that True is not taken for 1 nor 1 for 1.0 (not SymInt / SymFloat: torch.compile).
+    """
+    key = None
+    t_ls, t_z, t_c = type(label_smoothing), type(z_loss), type(softcap)
+    if (type(ignore_index) is int and type(reduction) is str and t_ls in _NUMBER
+            and t_z in _NUMBER and t_c in _NUMBER_OR_NONE):
+        key = (ignore_index, reduction, label_smoothing, z_loss, softcap, t_ls, t_z, t_c)
+        opts = _VALID_OPTIONS.get(key)
+        if opts is not None:
+            return opts
+    opts = _validate_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if key is not None:
+        if len(_VALID_OPTIONS) >= 1024:  # a caller varying them per call: stay bounded
+            _VALID_OPTIONS.clear()
+        _VALID_OPTIONS[key] = opts
+    return opts
+
+
+def _validate_options(fn, ignore_index, reduction, label_smoothing, z_loss, softcap):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: argument 'ignore_index' must be an int, got {ignore_index!r}")
     if not _INT64[0] <= ignore_index <= _INT64[1]:
@@ -81,7 +112,7 @@ def check_bool(fn, name, value):
 
 def check_dense(fn, name, t):
     """A strided (dense) tensor: sparse and other layouts have no strides to read."""
-    if t.layout != torch.strided:
+    if t.layout != _STRIDED:
         raise TypeError(f"{fn}: argument '{name}' must be a dense (strided) tensor, got layout "
                         f"{t.layout}")
 
@@ -116,7 +147,7 @@ def check_target(fn, logits, target, ignore_index):
     if target.device != logits.device:
         raise ValueError(
             f"{fn}: argument 'target' is on {target.device} but 'input' is on {logits.device}")
-    if target.is_floating_point():
+    if target.dtype not in _ID_DTYPES and target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(
                 f"{fn}: probability 'target' must have the input's shape {tuple(logits.shape)}, "
@@ -130,15 +161,17 @@ def check_target(fn, logits, target, ignore_index):
                 f"{fn}: argument 'ignore_index' ({ignore_index}) does not apply to probability "
                 "targets (torch refuses a non-negative one too); leave it at -100")
         return True
-    if target.dtype == torch.bool or target.is_complex():
+    if target.dtype not in _ID_DTYPES:  # bool, complex
         raise TypeError(
             f"{fn}: argument 'target' must hold integer class ids or float probabilities, "
             f"got dtype {target.dtype}")
-    expected = (logits.shape[0],) + tuple(logits.shape[2:]) if logits.dim() >= 2 else ()
-    if tuple(target.shape) != expected:
-        raise ValueError(
-            f"{fn}: class-id 'target' must have shape {expected} for input of shape "
-            f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+    # (N, V) logits with (N,) ids, the common case, is decided without building shapes
+    if not (logits.dim() == 2 and target.dim() == 1 and target.shape[0] == logits.shape[0]):
+        expected = (logits.shape[0],) + tuple(logits.shape[2:]) if logits.dim() >= 2 else ()
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"{fn}: class-id 'target' must have shape {expected} for input of shape "
+                f"{tuple(logits.shape)}, got {tuple(target.shape)}")
     if target.dtype == torch.uint64 and target.device.type == "cpu" and target.numel():
         huge = target.long() < 0  # 2**63 and above: outside any [0, V), named here by value
         if bool(huge.any()):

@@ -183,7 +183,8 @@ def _linear_cross_entropy_fwd(
 
     x (N, H); linear_weight (V, d1, ..., dK, H) with heads = d1 * ... * dK (1 for (V, H));
     linear_bias None or linear_weight.shape[:-1]; target (N,) / (N, D) class ids or (N, V * D)
-    probabilities (prob); weight None or (V,); grad_scale () the reduction's factor.
+    probabilities (prob); weight None or (V,); grad_scale: the reduction's factor, the first
+    element of a () or (3,) tensor (loss_scale's).
     stats (4, D, N) in the accumulation dtype: per row and head the loss, max, log d, S; (7,
     D, N) with_stats: then lse, entropy, correct (kernels/cross_entropy.py).
     need_*: which gradients of the reduced loss (times grad_scale) to make in forward, each

@@ -31,19 +31,23 @@ _NS = "softmax_ce_gpu"
 _EAGER = {}  # custom op -> (its implementation, positions of the arguments it mutates)
 
 
-def _custom_op(name, impl, mutates_args):
-    """Register impl as the custom op softmax_ce_gpu::name; call() may run impl directly."""
+def _custom_op(name, impl, mutates_args, eager_impl=None):
+    """Register impl as the custom op softmax_ce_gpu::name; call() may run impl directly, or
+    eager_impl when given: the same, except that an output not asked for may be None instead
+    of the empty tensor an op must return (an allocation less)."""
     op = torch.library.custom_op(f"{_NS}::{name}", impl, mutates_args=mutates_args)
     params = list(inspect.signature(impl).parameters)
-    _EAGER[op] = (impl, tuple(params.index(a) for a in mutates_args))
+    _EAGER[op] = (eager_impl or impl, tuple(params.index(a) for a in mutates_args))
     return op
 
 
-def _run_eager(op, *args):
+def run_eager(op, *args):
+    """op(*args) by its eager implementation (see call)."""
     impl, mutated = _EAGER[op]
     out = impl(*args)
-    for i in mutated:
-        torch.autograd.graph.increment_version(args[i])
+    if mutated:
+        for i in mutated:
+            torch.autograd.graph.increment_version(args[i])
     return out
 
 
@@ -54,7 +58,7 @@ def _run_op(op, *args):
 def runner(t):
     """call's decision made once for tensor t: a function run(op, *args) for a sequence of
     ops on t and the tensors made from it (one forward, one backward)."""
-    return _run_eager if _dispatch.eager(t) else _run_op
+    return run_eager if _dispatch.eager(t) else _run_op
 
 
 def call(op, *args):
@@ -68,15 +72,47 @@ def _stats_like(logits, with_stats=False):
     return logits.new_empty(7 if with_stats else 4, logits.shape[0], dtype=acc_dtype(logits))
 
 
-def _fwd(logits, target, weight, grad, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-         with_stats, dtarget):
-    if logits.shape[0] == 0:
-        return _stats_like(logits, with_stats)
-    backend = backend_for("cross_entropy", logits)
-    return backend.cross_entropy_fwd(
-        logits, target, weight, grad=grad, grad_scale=grad_scale, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, with_stats=with_stats,
-        dtarget=dtarget)
+def _check_ids(scale, fn, target, V, ignore_index):
+    """The class-id range check of loss_scale's ok flag: a ValueError on CPU, where the
+    value is already on the host; a device-side assert elsewhere (no host sync)."""
+    if scale.is_cpu:
+        if not scale.numpy()[2]:
+            _checks.raise_class_range(fn, target, V, ignore_index)
+    else:
+        torch._assert_async(scale[2], _checks.class_range_message(fn, V, ignore_index))
+
+
+def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+             loss_dtype, with_stats, fn, grad, dtarget):
+    """The forward of a cross-entropy call on (N, V) logits, every launch of it: the
+    reduction's scale (which checks the class ids), the loss kernel (writing the fused
+    gradient into grad and the probability target's into dtarget, each when not None),
+    and the reduced loss's sum (not for 'none').
+
+    Returns (loss, stats, scale): the loss of loss_dtype, the per-row stats ((4, N): loss,
+    max, log d, S; (7, N) with_stats: then lse, entropy, correct) and loss_scale's (3,)
+    [grad_scale, denominator, ok], which the loss kernels take as their grad_scale.
+    """
+    backend = backend_for(fn, logits)
+    mean = reduction == "mean"
+    prob = target.is_floating_point()
+    N, V = logits.shape
+    scale = backend.loss_scale(target, weight, ignore_index=ignore_index, mean=mean, prob=prob,
+                               V=V, acc=acc_dtype(logits))
+    if not prob:
+        _check_ids(scale, fn, target, V, ignore_index)
+    if N:
+        stats = backend.cross_entropy_fwd(
+            logits, target, weight, grad=grad, grad_scale=scale, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            with_stats=with_stats, dtarget=dtarget)
+    else:
+        stats = _stats_like(logits, with_stats)
+    if reduction == "none":  # a copy, never a view of the stats saved for backward
+        loss = stats[0].to(loss_dtype, copy=True)
+    else:
+        loss = backend.loss_reduce(stats, scale, mean=mean, dtype=loss_dtype)  # (row 0)
+    return loss, stats, scale
 
 
 def _maybe_like(t, wanted):
@@ -84,69 +120,103 @@ def _maybe_like(t, wanted):
     return torch.empty(t.shape if wanted else (0,), dtype=t.dtype, device=t.device)
 
 
-def _cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_scale: Tensor,
-                       ignore_index: int, label_smoothing: float, z_loss: float,
-                       softcap: Optional[float], with_grad: bool, with_stats: bool,
-                       with_target_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(stats, grad, dtarget): stats (4, N) per row (loss, max, log d, S; (7, N) with_stats:
-    then lse, entropy, correct), the fused gradient times grad_scale and the probability
-    target's (each an empty tensor when not asked for)."""
+def _cross_entropy_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                           ignore_index: int, reduction: str, label_smoothing: float,
+                           z_loss: float, softcap: Optional[float], loss_dtype: torch.dtype,
+                           with_stats: bool, fn: str, with_grad: bool,
+                           with_target_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                            Tensor]:
+    """(loss, stats, scale, grad, dtarget) of _forward, with the fused gradient times
+    grad_scale and the probability target's (each an empty tensor when not asked for)."""
     grad = _maybe_like(logits, with_grad)
     dtarget = _maybe_like(target, with_target_grad)
-    stats = _fwd(logits, target, weight, grad if with_grad else None, grad_scale, ignore_index,
-                 label_smoothing, z_loss, softcap, with_stats,
-                 dtarget if with_target_grad else None)
-    return stats, grad, dtarget
+    loss, stats, scale = _forward(logits, target, weight, ignore_index, reduction,
+                                  label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
+                                  grad if with_grad else None,
+                                  dtarget if with_target_grad else None)
+    return loss, stats, scale, grad, dtarget
 
 
-cross_entropy_fwd = _custom_op("cross_entropy_fwd", _cross_entropy_fwd, ())
+def _cross_entropy_forward_eager(logits, target, weight, ignore_index, reduction,
+                                 label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
+                                 with_grad, with_target_grad):
+    """_cross_entropy_forward with None for the gradients not asked for."""
+    grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad
+            else None)
+    dtarget = _maybe_like(target, True) if with_target_grad else None
+    loss, stats, scale = _forward(logits, target, weight, ignore_index, reduction,
+                                  label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
+                                  grad, dtarget)
+    return loss, stats, scale, grad, dtarget
 
 
-@cross_entropy_fwd.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-      with_grad, with_stats, with_target_grad):
-    return (_stats_like(logits, with_stats), logits.new_empty(logits.shape if with_grad else (0,)),
+cross_entropy_forward = _custom_op("cross_entropy_forward", _cross_entropy_forward, (),
+                                   _cross_entropy_forward_eager)
+
+
+def _loss_like(logits, reduction, loss_dtype):
+    shape = (logits.shape[0],) if reduction == "none" else ()
+    return logits.new_empty(shape, dtype=loss_dtype)
+
+
+def _scale_like(logits):
+    return logits.new_empty(3, dtype=acc_dtype(logits))
+
+
+@cross_entropy_forward.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      loss_dtype, with_stats, fn, with_grad, with_target_grad):
+    return (_loss_like(logits, reduction, loss_dtype), _stats_like(logits, with_stats),
+            _scale_like(logits), logits.new_empty(logits.shape if with_grad else (0,)),
             target.new_empty(target.shape if with_target_grad else (0,)))
 
 
-def _cross_entropy_fwd_out(logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                           grad_scale: Tensor, ignore_index: int, label_smoothing: float,
-                           z_loss: float, softcap: Optional[float], out: Tensor,
-                           with_stats: bool) -> Tensor:
-    """The stats per row; the gradient times grad_scale goes into `out` (not the logits)."""
-    return _fwd(logits, target, weight, out, grad_scale, ignore_index, label_smoothing, z_loss,
-                softcap, with_stats, None)
+def _cross_entropy_forward_out(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                               ignore_index: int, reduction: str, label_smoothing: float,
+                               z_loss: float, softcap: Optional[float], loss_dtype: torch.dtype,
+                               with_stats: bool, fn: str,
+                               out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, stats, scale) of _forward; the gradient times grad_scale goes into `out` (not
+    the logits)."""
+    return _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap, loss_dtype, with_stats, fn, out, None)
 
 
-cross_entropy_fwd_out = _custom_op("cross_entropy_fwd_out", _cross_entropy_fwd_out, ("out",))
+cross_entropy_forward_out = _custom_op("cross_entropy_forward_out", _cross_entropy_forward_out,
+                                       ("out",))
 
 
-@cross_entropy_fwd_out.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, out,
-      with_stats):
-    return _stats_like(logits, with_stats)
+@cross_entropy_forward_out.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      loss_dtype, with_stats, fn, out):
+    return (_loss_like(logits, reduction, loss_dtype), _stats_like(logits, with_stats),
+            _scale_like(logits))
 
 
-def _cross_entropy_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                               grad_scale: Tensor, ignore_index: int, label_smoothing: float,
-                               z_loss: float, softcap: Optional[float], with_stats: bool,
-                               with_target_grad: bool) -> tuple[Tensor, Tensor]:
-    """(stats, dtarget); the logits are overwritten by their gradient times grad_scale."""
+def _cross_entropy_forward_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                                   ignore_index: int, reduction: str, label_smoothing: float,
+                                   z_loss: float, softcap: Optional[float],
+                                   loss_dtype: torch.dtype, with_stats: bool, fn: str,
+                                   with_target_grad: bool) -> tuple[Tensor, Tensor, Tensor,
+                                                                    Tensor]:
+    """(loss, stats, scale, dtarget) of _forward; the logits are overwritten by their
+    gradient times grad_scale."""
     dtarget = _maybe_like(target, with_target_grad)
-    stats = _fwd(logits, target, weight, logits, grad_scale, ignore_index, label_smoothing, z_loss,
-                 softcap, with_stats, dtarget if with_target_grad else None)
-    return stats, dtarget
+    loss, stats, scale = _forward(logits, target, weight, ignore_index, reduction,
+                                  label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
+                                  logits, dtarget if with_target_grad else None)
+    return loss, stats, scale, dtarget
 
 
-cross_entropy_fwd_inplace = _custom_op("cross_entropy_fwd_inplace", _cross_entropy_fwd_inplace,
-                                       ("logits",))
+cross_entropy_forward_inplace = _custom_op("cross_entropy_forward_inplace",
+                                           _cross_entropy_forward_inplace, ("logits",))
 
 
-@cross_entropy_fwd_inplace.register_fake
-def _(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-      with_stats, with_target_grad):
-    return (_stats_like(logits, with_stats),
-            target.new_empty(target.shape if with_target_grad else (0,)))
+@cross_entropy_forward_inplace.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      loss_dtype, with_stats, fn, with_target_grad):
+    return (_loss_like(logits, reduction, loss_dtype), _stats_like(logits, with_stats),
+            _scale_like(logits), target.new_empty(target.shape if with_target_grad else (0,)))
 
 
 def _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, label_smoothing,
@@ -253,7 +323,7 @@ def _(y, dy, log, dtype):
 
 def _loss_scale(like: Tensor, target: Tensor, weight: Optional[Tensor], V: int,
                 ignore_index: int, mean: bool, prob: bool, fn: str) -> Tensor:
-    """(3,) [denominator, grad_scale, ok] of the reduction (accumulation dtype), after
+    """(3,) [grad_scale, denominator, ok] of the reduction (accumulation dtype), after
     checking the class ids: a ValueError on CPU, a device-side assert on CUDA (no host sync).
 
     like: a tensor of the logits' dtype and device (it picks the backend); target: (N,)
@@ -261,11 +331,7 @@ def _loss_scale(like: Tensor, target: Tensor, weight: Optional[Tensor], V: int,
     scale = backend_for(fn, like).loss_scale(target, weight, ignore_index=ignore_index,
                                             mean=mean, prob=prob, V=V, acc=acc_dtype(like))
     if not prob:
-        if scale.device.type == "cpu":
-            if not scale.numpy()[2]:  # free on CPU: the value is already on the host
-                _checks.raise_class_range(fn, target, V, ignore_index)
-        else:
-            torch._assert_async(scale[2], _checks.class_range_message(fn, V, ignore_index))
+        _check_ids(scale, fn, target, V, ignore_index)
     return scale
 
 
@@ -278,7 +344,8 @@ def _(like, target, weight, V, ignore_index, mean, prob, fn):
 
 
 def _loss_reduce(loss_rows: Tensor, scale: Tensor, mean: bool, dtype: torch.dtype) -> Tensor:
-    """() of dtype: the sum of the per-row losses, divided by scale[0] for 'mean'."""
+    """() of dtype: the sum of the per-row losses (loss_rows (N,), or row 0 of (k, N)
+    stats), divided by the denominator scale[1] for 'mean'."""
     return backend_for("cross_entropy", loss_rows).loss_reduce(loss_rows, scale, mean=mean,
                                                                dtype=dtype)
 
@@ -334,9 +401,9 @@ def _softmax_bwd_vmap(info, in_dims, y, dy, log, dtype):
 
 
 if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; older torch: no vmap support
-    for _op in (cross_entropy_fwd, cross_entropy_bwd, cross_entropy_fwd_out,
-                cross_entropy_fwd_inplace, cross_entropy_bwd_inplace, scale_grad_, loss_scale,
-                loss_reduce):
+    for _op in (cross_entropy_forward, cross_entropy_bwd, cross_entropy_forward_out,
+                cross_entropy_forward_inplace, cross_entropy_bwd_inplace, scale_grad_,
+                loss_scale, loss_reduce):
         torch.library.register_vmap(_op, _loop_rule(_op))
     torch.library.register_vmap(softmax_fwd, _softmax_fwd_vmap)
     torch.library.register_vmap(softmax_bwd, _softmax_bwd_vmap)

@@ -121,7 +121,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         mean = opts.reduction == "mean"
         ids = t.new_empty(N * D, 0) if spec.prob else t.reshape(-1)
         scale = run(_ops.loss_scale, x, ids, weight, V, opts.ignore_index, mean, spec.prob, _FN)
-        grad_scale = scale[1]
+        grad_scale = scale  # (its first element: the kernels' grad_scale)
         fuse = _fused(spec, x)
         need = spec.need if fuse else (False,) * 4
         stats, gi, gw, gb, gt = run(_linear_ops.linear_cross_entropy_fwd, x, lw, lb, t, weight,

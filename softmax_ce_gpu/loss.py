@@ -68,40 +68,36 @@ def _batch_shape(logits):
     return (logits.shape[0],) + tuple(logits.shape[2:])
 
 
-def _forward(x, t, weight, opts, prob, grad_into, loss_dtype, fn, with_stats=False,
-             target_grad=False):
-    """(loss, stats, grad_scale, grad, dtarget) of 2-D inputs: the reduced loss (of
-    loss_dtype), the per-row stats ((4, N): loss, max, log d, S; (7, N) with_stats: then lse,
-    entropy, correct), grad_scale, the fused gradient and, with target_grad, the probability
-    target's (None when not made).
+def _forward(x, t, weight, opts, grad_into, loss_dtype, fn, with_stats=False, target_grad=False,
+             run=None):
+    """(loss, stats, scale, grad, dtarget) of 2-D inputs: the reduced loss (of loss_dtype),
+    the per-row stats ((4, N): loss, max, log d, S; (7, N) with_stats: then lse, entropy,
+    correct), the reduction's (3,) [grad_scale, denominator, ok], the fused gradient and,
+    with target_grad, the probability target's (None when not made).
 
     grad_into: None (no gradient of the logits), "new" (a new tensor), "logits" (overwrite
-    x), or a tensor to write the gradient into. Launches: the reduction's scale (which also
-    checks the class ids), the loss kernel, and the reduced loss's sum (not for 'none').
+    x), or a tensor to write the gradient into. One op (_ops.cross_entropy_forward*), whose
+    launches are the reduction's scale (which also checks the class ids), the loss kernel
+    and the reduced loss's sum (not for 'none'). run: _ops.runner(x) unless given.
     """
-    mean = opts.reduction == "mean"
-    run = _ops.runner(x)  # one eager-or-op decision for the whole forward
-    scale = run(_ops.loss_scale, x, t, weight, x.shape[1], opts.ignore_index, mean, prob,
-                      fn)
-    grad_scale = scale[1]
-    args = (weight, grad_scale, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap)
+    run = run or _ops.runner(x)
+    args = (x, t, weight, opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss,
+            opts.softcap, loss_dtype, with_stats, fn)
     grad = dtarget = None
     if grad_into is None or grad_into == "new":
-        stats, grad, dtarget = run(_ops.cross_entropy_fwd, x, t, *args, grad_into == "new",
-                                         with_stats, target_grad)
+        loss, stats, scale, grad, dtarget = run(_ops.cross_entropy_forward, *args,
+                                                grad_into == "new", target_grad)
         grad = grad if grad_into == "new" else None
     elif isinstance(grad_into, str):
-        stats, dtarget = run(_ops.cross_entropy_fwd_inplace, x, t, *args, with_stats,
-                                   target_grad)
+        loss, stats, scale, dtarget = run(_ops.cross_entropy_forward_inplace, *args, target_grad)
         grad = x
     else:
-        stats = run(_ops.cross_entropy_fwd_out, x, t, *args, grad_into, with_stats)
+        loss, stats, scale = run(_ops.cross_entropy_forward_out, *args, grad_into)
         grad = grad_into
-    if opts.reduction == "none":  # a copy, never a view of the stats saved for backward
-        loss = stats[0].to(loss_dtype, copy=True)
-    else:
-        loss = run(_ops.loss_reduce, stats[0], scale, mean, loss_dtype)
-    return loss, stats, grad_scale, grad, dtarget if target_grad else None
+    return loss, stats, scale, grad, dtarget if target_grad else None
+
+
+_LATE_DTYPES = (torch.float16, torch.float64)
 
 
 def _late_scale(x):
@@ -114,7 +110,7 @@ def _late_scale(x):
     too, so that it behaves as torch's in every autograd mode: retain_graph, gradcheck,
     double backward.
     """
-    return x.dtype in (torch.float16, torch.float64)
+    return x.dtype in _LATE_DTYPES
 
 
 class _Plan(NamedTuple):
@@ -126,6 +122,9 @@ class _Plan(NamedTuple):
     need_t: bool     # the probability target's gradient
 
 
+_PLANS = {}  # the few distinct _Plans, made once
+
+
 def _grad_plan(x, t, prob, opts, inplace_backward):
     """The _Plan of this call, or None when no gradient can be taken (decided from flags)."""
     if not torch.is_grad_enabled():
@@ -134,7 +133,11 @@ def _grad_plan(x, t, prob, opts, inplace_backward):
     if not (need_x or need_t):
         return None
     path = "late" if opts.reduction == "none" or _late_scale(x) else "fused"
-    return _Plan(path, inplace_backward and need_x, need_x, need_t)
+    key = (path, inplace_backward and need_x, need_x, need_t)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(*key)
+    return plan
 
 
 def _differentiable_grad(x, t, weight, opts, dloss, grad_scale, need_x, need_t):
@@ -157,7 +160,7 @@ def _differentiable_grad(x, t, weight, opts, dloss, grad_scale, need_x, need_t):
     y, valid, _ = reference._target_matrix(t, weight, V, opts.ignore_index,
                                            opts.label_smoothing, acc)
     lse = torch.logsumexp(z, dim=1)
-    scale = (dloss.to(acc) * grad_scale.to(acc)).expand(x.shape[0])
+    scale = (dloss.to(acc) * grad_scale.reshape(-1)[0].to(acc)).expand(x.shape[0])
     scale = torch.where(valid, scale, torch.zeros_like(scale))[:, None]
     dx = dt = None
     if need_x:
@@ -175,6 +178,32 @@ def _differentiable_grad(x, t, weight, opts, dloss, grad_scale, need_x, need_t):
     return dx, dt
 
 
+def _function_forward(x, t, weight, opts, plan, with_stats, fn, loss_dtype, run=None):
+    """The outputs of _CrossEntropyFunction's forward (see there); run as in _forward."""
+    fused = plan is not None and plan.path == "fused"
+    grad_into = None
+    if fused and plan.need_x:
+        grad_into = "logits" if plan.inplace else "new"
+    loss, stats, scale, grad, dt = _forward(x, t, weight, opts, grad_into, loss_dtype, fn,
+                                            with_stats, fused and plan.need_t, run)
+    late = plan is not None and plan.path == "late"
+    return loss, stats, grad if grad_into == "new" else None, dt, scale if late else None
+
+
+def _save(ctx, inputs, loss, stats, grad, dt, grad_scale):
+    """What backward needs, on ctx (both Functions below)."""
+    x, t, weight, opts, prob, plan, _, fn, _ = inputs[:9]
+    ctx.opts, ctx.plan, ctx.fn, ctx.consumed = opts, plan, fn, False
+    if plan is None:
+        return
+    if plan.path == "fused":
+        # with inplace_backward the op declared its write into x (its version is bumped):
+        # any other saved use of the old logits fails loudly
+        ctx.save_for_backward(loss, x if plan.inplace else grad, dt)
+    else:
+        ctx.save_for_backward(loss, x, t, weight, stats, grad_scale)
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     """Outputs: (loss, stats, fused dx, fused dt, grad_scale), all but the loss marked
     non-differentiable; None where a plan makes no such tensor."""
@@ -183,63 +212,75 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, weight, opts, prob, plan, with_stats, fn, loss_dtype):
-        fused = plan is not None and plan.path == "fused"
-        grad_into = None
-        if fused and plan.need_x:
-            grad_into = "logits" if plan.inplace else "new"
-        loss, stats, grad_scale, grad, dt = _forward(x, t, weight, opts, prob, grad_into,
-                                                     loss_dtype, fn, with_stats,
-                                                     fused and plan.need_t)
-        late = plan is not None and plan.path == "late"
-        return (loss, stats, grad if grad_into == "new" else None, dt,
-                grad_scale if late else None)
+        return _function_forward(x, t, weight, opts, plan, with_stats, fn, loss_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, t, weight, opts, prob, plan, _, fn, _ = inputs
         loss, stats, grad, dt, grad_scale = output
-        ctx.opts, ctx.plan, ctx.fn, ctx.consumed = opts, plan, fn, False
         ctx.mark_non_differentiable(*(o for o in output[1:] if o is not None))
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
         ctx.set_materialize_grads(False)
-        if plan is None:
-            return
-        if plan.path == "fused":
-            # with inplace_backward the op declared its write into x (its version is bumped):
-            # any other saved use of the old logits fails loudly
-            ctx.save_for_backward(loss, x if plan.inplace else grad, dt)
-        else:
-            ctx.save_for_backward(loss, x, t, weight, stats, grad_scale)
+        _save(ctx, inputs, loss, stats, grad, dt, grad_scale)
 
     @staticmethod
     def backward(ctx, dloss, *_):
-        plan, nones = ctx.plan, (None,) * 7
-        if dloss is None:  # no gradient reached the loss (grads are not materialised)
-            return (None, None, *nones)
-        second_order = torch.is_grad_enabled()  # create_graph=True
-        run = _ops.runner(dloss)
-        if plan.path == "fused":
-            loss, dx, dt = take_fused_grad(ctx, ctx.fn)
-            if second_order:  # the logits are gone: a gradient that cannot be differentiated
-                dx, dt = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, dx, dt)
-            else:
-                for g in (dx, dt):
-                    if g is not None:
-                        run(_ops.scale_grad_, g, dloss)
-            return (dx, dt, *nones)
-        loss, x, t, weight, stats, grad_scale = ctx.saved_tensors
-        o = ctx.opts
-        if second_order:  # a gradient autograd can differentiate again
-            return (*_differentiable_grad(x, t, weight, o, dloss, grad_scale, plan.need_x,
-                                          plan.need_t), *nones)
-        args = (x, t, weight, stats, dloss, grad_scale, o.ignore_index, o.label_smoothing,
-                o.z_loss, o.softcap)
-        if plan.inplace:
-            dt = run(_ops.cross_entropy_bwd_inplace, *args, plan.need_t)
-            dx = x
-        else:
-            dx, dt = run(_ops.cross_entropy_bwd, *args, plan.need_x, plan.need_t)
-        return (dx if plan.need_x else None, dt if plan.need_t else None, *nones)
+        return (*_backward(ctx, dloss), *(None,) * 7)
+
+
+def _backward(ctx, dloss):
+    """(dx, dt) of either Function below (None where no gradient is made)."""
+    plan = ctx.plan
+    if dloss is None:  # no gradient reached the loss (grads are not materialised)
+        return None, None
+    second_order = torch.is_grad_enabled()  # create_graph=True
+    run = _ops.runner(dloss)
+    if plan.path == "fused":
+        loss, dx, dt = take_fused_grad(ctx, ctx.fn)
+        if second_order:  # the logits are gone: a gradient that cannot be differentiated
+            return no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, dx, dt)
+        if dx is not None:
+            run(_ops.scale_grad_, dx, dloss)
+        if dt is not None:
+            run(_ops.scale_grad_, dt, dloss)
+        return dx, dt
+    loss, x, t, weight, stats, grad_scale = ctx.saved_tensors
+    o = ctx.opts
+    if second_order:  # a gradient autograd can differentiate again
+        return _differentiable_grad(x, t, weight, o, dloss, grad_scale, plan.need_x, plan.need_t)
+    args = (x, t, weight, stats, dloss, grad_scale, o.ignore_index, o.label_smoothing,
+            o.z_loss, o.softcap)
+    if plan.inplace:
+        dt = run(_ops.cross_entropy_bwd_inplace, *args, plan.need_t)
+        dx = x
+    else:
+        dx, dt = run(_ops.cross_entropy_bwd, *args, plan.need_x, plan.need_t)
+    return dx if plan.need_x else None, dt if plan.need_t else None
+
+
+class _EagerCrossEntropyFunction(torch.autograd.Function):
+    """_CrossEntropyFunction for plain eager mode (_dispatch.eager): the same forward and
+    backward, with the loss as its only output and the non-tensor arguments in one tuple
+    (call: opts, plan, with_stats, fn, loss_dtype); the per-row stats reach the caller
+    through ``box`` (a list). Each further input or output of a Function costs autograd
+    microseconds per call, against a few tens for a whole small call (softmax-ce-bench
+    overhead)."""
+
+    @staticmethod
+    def forward(ctx, x, t, weight, call, box):
+        opts, plan, with_stats, fn, loss_dtype = call
+        loss, stats, grad, dt, grad_scale = _function_forward(
+            x, t, weight, opts, plan, with_stats, fn, loss_dtype, _ops.run_eager)
+        _save(ctx, (x, t, weight, opts, None, plan, with_stats, fn, loss_dtype), loss, stats,
+              grad, dt, grad_scale)
+        box.append(stats)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        return (*_backward(ctx, dloss), None, None, None)
+
+
+_EAGER_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _EagerCrossEntropyFunction)
 
 
 class CrossEntropyStats(NamedTuple):
@@ -317,10 +358,17 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     plan = _grad_plan(input, target, prob, opts, inplace_backward)
     if plan is not None and plan.inplace:
         _checks.check_inplace(fn, x, (("target", t), ("weight", given_weight)))
-    out = _dispatch.apply(_CrossEntropyFunction, x, t, weight, opts, prob, plan, return_stats, fn,
-                          _autocast.loss_dtype(input))
-    loss = out[0].reshape(_batch_shape(input)) if opts.reduction == "none" else out[0]
-    return (loss, _stats(out[1], _batch_shape(input))) if return_stats else loss
+    loss_dtype = _autocast.loss_dtype(input)
+    if _dispatch.eager(x):
+        box = []
+        loss = _EAGER_APPLY(x, t, weight, (opts, plan, return_stats, fn, loss_dtype), box)
+        stats = box[0]
+    else:
+        loss, stats = _CrossEntropyFunction.apply(x, t, weight, opts, prob, plan, return_stats,
+                                                  fn, loss_dtype)[:2]
+    if opts.reduction == "none":
+        loss = loss.reshape(_batch_shape(input))
+    return (loss, _stats(stats, _batch_shape(input))) if return_stats else loss
 
 
 def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignore_index=-100,
@@ -351,7 +399,7 @@ def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignor
             grad_into = "logits"
         else:
             grad_into = out.unsqueeze(0) if input.dim() == 1 else out
-        loss, stats, _, grad, _ = _forward(x, t, weight, opts, prob, grad_into,
+        loss, stats, _, grad, _ = _forward(x, t, weight, opts, grad_into,
                                            _autocast.loss_dtype(input), fn, return_stats)
         dinput = _unflatten_grad(grad, input)
         if out is not None:

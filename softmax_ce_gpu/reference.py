@@ -149,7 +149,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
         rows += _row_extras(logits, z, target, valid, m, logd, lse)
     out = torch.stack(rows)  # in acc: fp32 (fp64 for fp64 logits), as the kernels
     if grad is not None or dtarget is not None:
-        scale = grad_scale.to(acc).expand(logits.shape[0])
+        scale = _first(grad_scale).to(acc).expand(logits.shape[0])
         _write_grads(grad, dtarget, z, dz, y, valid, m, logd, S, z_loss, scale, target, coef_c,
                      weight, label_smoothing, acc)
     return out if stats is None else stats.copy_(out)
@@ -162,7 +162,7 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
     V = logits.shape[1]
     z, dz = _capped(logits, softcap, acc)
     y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
-    scale = (dloss.to(acc) * grad_scale.to(acc)).expand(logits.shape[0])
+    scale = (dloss.to(acc) * _first(grad_scale).to(acc)).expand(logits.shape[0])
     m, logd = stats[1].to(acc), stats[2].to(acc)
     _write_grads(grad, dtarget, z, dz, y, valid, m, logd, stats[3].to(acc), z_loss, scale,
                  target, coef_c, weight, label_smoothing, acc)
@@ -193,10 +193,16 @@ def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32
         denom = (w * counted).sum()
         ok = (~bad.any()).to(acc)
     grad_scale = 1.0 / denom if mean else torch.ones_like(denom)
-    return torch.stack([denom, grad_scale, ok])
+    return torch.stack([grad_scale, denom, ok])
 
 
 def loss_reduce(loss_rows, scale, *, mean, dtype):
     """Same contract as softmax_ce_gpu.kernels.reduction.loss_reduce."""
-    total = loss_rows.sum()
-    return (total / scale[0] if mean else total).to(dtype)
+    total = (loss_rows[0] if loss_rows.dim() == 2 else loss_rows).sum()
+    return (total / scale[1] if mean else total).to(dtype)
+
+
+def _first(grad_scale):
+    """The factor of a grad_scale tensor: () or loss_scale's (3,), whose first element it is
+    (the kernels read the first element of either)."""
+    return grad_scale.reshape(-1)[0]

@@ -108,7 +108,7 @@ def test_export():
     t = torch.randint(0, 24, (4,), device=DEVICE)
     exported = torch.export.export(model, (h, t))
     ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert any("softmax_ce_gpu.cross_entropy_fwd" in o for o in ops), ops
+    assert any("softmax_ce_gpu.cross_entropy_forward" in o for o in ops), ops
     assert any("softmax_ce_gpu.softmax_fwd" in o for o in ops), ops
     for a, b in zip(exported.module()(h, t), model(h, t)):
         assert_close(a, b, torch.float32)
@@ -135,14 +135,17 @@ def test_opcheck_cross_entropy_ops(case):
     w = w if case.pop("weight", False) else None
     opts = (-100, case.get("label_smoothing", 0.0), case.get("z_loss", 0.0), case.get("softcap"))
     prob = t.is_floating_point()
-    for with_grad, with_stats in ((False, False), (True, False), (True, True)):
-        torch.library.opcheck(_ops.cross_entropy_fwd, (x, t, w, scale, *opts, with_grad,
-                                                       with_stats, prob))
-    torch.library.opcheck(_ops.cross_entropy_fwd_out, (x, t, w, scale, *opts, torch.empty_like(x),
-                                                       True))
-    torch.library.opcheck(_ops.cross_entropy_fwd_inplace, (x.clone(), t, w, scale, *opts, False,
-                                                           prob))
-    stats, _, _ = _ops.cross_entropy_fwd(x, t, w, scale, *opts, False, False, False)
+    fn = "cross_entropy"
+    for reduction in ("mean", "sum", "none"):
+        fwd = (x, t, w, -100, reduction, *opts[1:], torch.float32, False, fn)
+        for with_grad, with_stats in ((False, False), (True, False), (True, True)):
+            torch.library.opcheck(_ops.cross_entropy_forward,
+                                  fwd[:-2] + (with_stats, fn, with_grad, prob))
+        torch.library.opcheck(_ops.cross_entropy_forward_out, fwd + (torch.empty_like(x),))
+        torch.library.opcheck(_ops.cross_entropy_forward_inplace,
+                              (x.clone(),) + fwd[1:] + (prob,))
+    _, stats, _, _, _ = _ops.cross_entropy_forward(x, t, w, -100, "sum", *opts[1:], x.dtype,
+                                                   False, fn, False, False)
     dloss = torch.rand(x.shape[0], device=DEVICE, dtype=x.dtype)
     bwd_args = (t, w, stats, dloss, scale, *opts)
     torch.library.opcheck(_ops.cross_entropy_bwd, (x, *bwd_args, True, prob))
@@ -152,7 +155,7 @@ def test_opcheck_cross_entropy_ops(case):
         torch.library.opcheck(_ops.loss_scale, (x, t, w, x.shape[1], -100, mean, prob,
                                                 "cross_entropy"))
         rows = torch.rand(x.shape[0], device=DEVICE)
-        torch.library.opcheck(_ops.loss_reduce, (rows, torch.tensor([3.0, 1 / 3], device=DEVICE),
+        torch.library.opcheck(_ops.loss_reduce, (rows, torch.tensor([1 / 3, 3.0], device=DEVICE),
                                                  mean, x.dtype))
 
 

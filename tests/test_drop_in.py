@@ -108,9 +108,9 @@ def test_no_grad_launches_no_gradient_kernel(monkeypatch):
     seen = []
     real = sc.loss._forward
 
-    def spy(x, t, weight, opts, prob, grad_into, *rest):
+    def spy(x, t, weight, opts, grad_into, *rest):
         seen.append(grad_into)
-        return real(x, t, weight, opts, prob, grad_into, *rest)
+        return real(x, t, weight, opts, grad_into, *rest)
 
     monkeypatch.setattr(sc.loss, "_forward", spy)
     x, t = _case()

@@ -24,7 +24,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 @pytest.fixture(autouse=True)
 def _pure_pytorch(monkeypatch):
     for dtype in DTYPES:
-        monkeypatch.setitem(_backend._CHOSEN, (dtype, "cpu"), reference)
+        monkeypatch.setitem(_backend._CHOSEN, _backend.choice_key(torch.empty(0, dtype=dtype)),
+                            reference)
 
 
 def test_the_path_is_forced():
