@@ -156,3 +156,23 @@ def test_class_range_cuda():
                          timeout=300)
     assert run.returncode != 0
     assert "outside [0, 10)" in run.stderr or "device-side assert" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("name,valid,bad,exc", [
+    ("ignore_index", 1, True, TypeError),
+    ("ignore_index", 1, 1.0, TypeError),
+    ("label_smoothing", 1.0, True, TypeError),
+    ("label_smoothing", 0.0, float("nan"), ValueError),
+    ("z_loss", 0, False, TypeError),
+    ("softcap", 1.0, True, TypeError),
+    ("reduction", "sum", "SUM", ValueError),
+])
+def test_options_valid_once_do_not_vouch_for_an_equal_value(name, valid, bad, exc):
+    """Valid options are looked up on later calls (_checks.check_options): a value equal to
+    a valid one but of another type (True == 1 == 1.0) is still refused, every time."""
+    x = torch.randn(4, 8, device=DEVICE)
+    t = torch.randint(0, 8, (4,), device=DEVICE)
+    sc.cross_entropy(x, t, **{name: valid})
+    for _ in range(2):
+        with pytest.raises(exc, match=f"cross_entropy: argument '{name}'"):
+            sc.cross_entropy(x, t, **{name: bad})
