@@ -123,9 +123,14 @@ def _launch_counter():
                 with self:
                     return impl(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
-            if not (func.is_view or name in free or func.namespace == "softmax_ce_gpu"):
-                self.ops.append(name)
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            # aten.to's schema may alias its input (so it reads as a view), but where it
+            # returns new memory (a dtype change, copy=True) it is a copy kernel on CUDA
+            copied = (name == "to" and isinstance(out, torch.Tensor)
+                      and out.data_ptr() != args[0].data_ptr())
+            if copied or not (func.is_view or name in free or func.namespace == "softmax_ce_gpu"):
+                self.ops.append("_to_copy" if copied else name)
+            return out
 
     return Count()
 
@@ -250,12 +255,13 @@ def measure(repeat=200):
             counter[0] = 0
             with _launch_counter() as mode_count:
                 ours()
-            launches = counter[0] + len(mode_count.ops)
+            triton_launches = counter[0]
+            launches = triton_launches + len(mode_count.ops)
             ours_us, torch_us = _time_pair_us(ours, theirs, repeat)
             records.append(dict(entry=entry, mode=mode, reduction=reduction, options=options,
                                 ours_us=round(ours_us, 1), torch_us=round(torch_us, 1),
                                 ratio=round(ours_us / torch_us, 2), launches=launches,
-                                triton_launches=counter[0], torch_ops=sorted(set(mode_count.ops))))
+                                triton_launches=triton_launches, torch_ops=sorted(set(mode_count.ops))))
     return records
 
 
