@@ -550,16 +550,17 @@ def _target_strides(target):
 _META = {}
 
 
-def _launch_meta(kind, V, element_size, has_weight, prob, smoothing, z, softcap, target_grad,
+def _launch_meta(kind, logits, target, weight, label_smoothing, z_loss, softcap, target_grad,
                  with_stats=False, fuse=False):
     """The constexpr keyword arguments of a forward ("fwd") or backward ("bwd") launch."""
-    key = (kind, V, element_size, has_weight, prob, smoothing, z, softcap, target_grad,
-           with_stats, fuse)
+    V, element_size = logits.shape[1], logits.element_size()
+    key = (kind, V, element_size, weight is not None, target.is_floating_point(),
+           label_smoothing > 0.0, z_loss > 0.0, softcap is not None, target_grad, with_stats,
+           fuse)
     meta = _META.get(key)
     if meta is None or tuning.row_config_overridden():
-        flags = dict(HAS_WEIGHT=has_weight, PROB_TARGET=prob, HAS_SMOOTHING=smoothing,
-                     HAS_Z_LOSS=z, HAS_SOFTCAP=softcap)
-        heavy = has_weight or prob or smoothing or z or softcap or target_grad
+        flags = _flags(target, weight, label_smoothing, z_loss, softcap)
+        heavy = any(flags.values()) or target_grad
         if kind == "fwd":
             block, num_warps = tuning.row_config(V, element_size, heavy, with_stats)
             meta = dict(FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, STATS=with_stats,
@@ -602,10 +603,8 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     target_grad = dtarget is not None
     if not target_grad:
         dtarget = logits  # not written: TARGET_GRAD=False
-    meta = _launch_meta("fwd", V, logits.element_size(), weight is not None,
-                        target.is_floating_point(),
-                        label_smoothing > 0.0, z_loss > 0.0, softcap is not None, target_grad,
-                        with_stats, fuse)
+    meta = _launch_meta("fwd", logits, target, weight, label_smoothing, z_loss, softcap,
+                        target_grad, with_stats, fuse)
     stride_x_row, stride_x_col = logits.stride()
     stride_t_row, stride_t_col = _target_strides(target)
     stride_g_row, stride_g_col = grad.stride()
@@ -615,8 +614,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
         stride_x_row, stride_x_col, stride_t_row, stride_t_col,
         stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stats.stride(0),
         V,
-        ignore_index, float(label_smoothing), float(z_loss),
-        0.0 if softcap is None else softcap_scalar(softcap), **meta,
+        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap), **meta,
     )
     return stats
 
@@ -627,16 +625,15 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
 
     Preconditions: as cross_entropy_fwd; stats the (4, N) fp32 tensor it returned (or a view
     with unit column stride); dloss (N,) (one upstream gradient per row) or () (one for all rows);
-    grad_scale as in cross_entropy_fwd; grad None or (N, V) of the logits' dtype (it may be the logits
-    themselves); dtarget None or (N, V) of the probability target's dtype, which receives
+    grad_scale as in cross_entropy_fwd; grad None or (N, V) of the logits' dtype (it may be
+    the logits themselves); dtarget None or (N, V) of the probability target's dtype, which receives
     dloss * grad_scale * d loss / d target. At least one of grad and dtarget.
     """
     N, V = logits.shape
     target_grad = dtarget is not None
     write_x = grad is not None
-    meta = _launch_meta("bwd", V, logits.element_size(), weight is not None,
-                        target.is_floating_point(), label_smoothing > 0.0, z_loss > 0.0, softcap is not None, target_grad,
-                        False, write_x)
+    meta = _launch_meta("bwd", logits, target, weight, label_smoothing, z_loss, softcap,
+                        target_grad, False, write_x)
     stride_t_row, stride_t_col = _target_strides(target)
     stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
     g = grad if write_x else logits  # not written without WRITE_X
@@ -650,8 +647,7 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
         stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stride_dloss,
         stats.stride(0),
         V,
-        ignore_index, float(label_smoothing), float(z_loss),
-        0.0 if softcap is None else softcap_scalar(softcap), **meta,
+        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap), **meta,
     )
     return grad
 

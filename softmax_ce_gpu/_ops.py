@@ -45,9 +45,8 @@ def run_eager(op, *args):
     """op(*args) by its eager implementation (see call)."""
     impl, mutated = _EAGER[op]
     out = impl(*args)
-    if mutated:
-        for i in mutated:
-            torch.autograd.graph.increment_version(args[i])
+    for i in mutated:
+        torch.autograd.graph.increment_version(args[i])
     return out
 
 
@@ -120,34 +119,32 @@ def _maybe_like(t, wanted):
     return torch.empty(t.shape if wanted else (0,), dtype=t.dtype, device=t.device)
 
 
+def _cross_entropy_forward_eager(logits, target, weight, ignore_index, reduction,
+                                 label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
+                                 with_grad, with_target_grad):
+    """(loss, stats, scale, grad, dtarget) of _forward, with the fused gradient times
+    grad_scale and the probability target's (None when not asked for)."""
+    grad = _maybe_like(logits, True) if with_grad else None
+    dtarget = _maybe_like(target, True) if with_target_grad else None
+    loss, stats, scale = _forward(logits, target, weight, ignore_index, reduction,
+                                  label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
+                                  grad, dtarget)
+    return loss, stats, scale, grad, dtarget
+
+
 def _cross_entropy_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                            ignore_index: int, reduction: str, label_smoothing: float,
                            z_loss: float, softcap: Optional[float], loss_dtype: torch.dtype,
                            with_stats: bool, fn: str, with_grad: bool,
                            with_target_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
                                                             Tensor]:
-    """(loss, stats, scale, grad, dtarget) of _forward, with the fused gradient times
-    grad_scale and the probability target's (each an empty tensor when not asked for)."""
-    grad = _maybe_like(logits, with_grad)
-    dtarget = _maybe_like(target, with_target_grad)
-    loss, stats, scale = _forward(logits, target, weight, ignore_index, reduction,
-                                  label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
-                                  grad if with_grad else None,
-                                  dtarget if with_target_grad else None)
-    return loss, stats, scale, grad, dtarget
-
-
-def _cross_entropy_forward_eager(logits, target, weight, ignore_index, reduction,
-                                 label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
-                                 with_grad, with_target_grad):
-    """_cross_entropy_forward with None for the gradients not asked for."""
-    grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad
-            else None)
-    dtarget = _maybe_like(target, True) if with_target_grad else None
-    loss, stats, scale = _forward(logits, target, weight, ignore_index, reduction,
-                                  label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
-                                  grad, dtarget)
-    return loss, stats, scale, grad, dtarget
+    """_cross_entropy_forward_eager, with an empty tensor for each gradient not asked for
+    (an op must return tensors)."""
+    loss, stats, scale, grad, dtarget = _cross_entropy_forward_eager(
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        loss_dtype, with_stats, fn, with_grad, with_target_grad)
+    return (loss, stats, scale, _maybe_like(logits, False) if grad is None else grad,
+            _maybe_like(target, False) if dtarget is None else dtarget)
 
 
 cross_entropy_forward = _custom_op("cross_entropy_forward", _cross_entropy_forward, (),

@@ -190,9 +190,8 @@ def _function_forward(x, t, weight, opts, plan, with_stats, fn, loss_dtype, run=
     return loss, stats, grad if grad_into == "new" else None, dt, scale if late else None
 
 
-def _save(ctx, inputs, loss, stats, grad, dt, grad_scale):
+def _save(ctx, x, t, weight, opts, plan, fn, loss, stats, grad, dt, grad_scale):
     """What backward needs, on ctx (both Functions below)."""
-    x, t, weight, opts, prob, plan, _, fn, _ = inputs[:9]
     ctx.opts, ctx.plan, ctx.fn, ctx.consumed = opts, plan, fn, False
     if plan is None:
         return
@@ -220,7 +219,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*(o for o in output[1:] if o is not None))
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
         ctx.set_materialize_grads(False)
-        _save(ctx, inputs, loss, stats, grad, dt, grad_scale)
+        x, t, weight, opts, _, plan, _, fn, _ = inputs
+        _save(ctx, x, t, weight, opts, plan, fn, loss, stats, grad, dt, grad_scale)
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -270,8 +270,7 @@ class _EagerCrossEntropyFunction(torch.autograd.Function):
         opts, plan, with_stats, fn, loss_dtype = call
         loss, stats, grad, dt, grad_scale = _function_forward(
             x, t, weight, opts, plan, with_stats, fn, loss_dtype, _ops.run_eager)
-        _save(ctx, (x, t, weight, opts, None, plan, with_stats, fn, loss_dtype), loss, stats,
-              grad, dt, grad_scale)
+        _save(ctx, x, t, weight, opts, plan, fn, loss, stats, grad, dt, grad_scale)
         box.append(stats)
         return loss
 
