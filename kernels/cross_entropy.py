@@ -59,6 +59,8 @@ from . import tuning
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): exp2 is one MUFU.EX2
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _FLT_MAX_PY = 3.4028234663852886e38
+_TWO_M64 = tl.constexpr(2.0 ** -64)
+_TWO_P64 = tl.constexpr(2.0 ** 64)
 _NO_COLUMN = tl.constexpr(2 ** 31 - 1)  # an argmax sentinel above every column
 
 
@@ -86,6 +88,9 @@ def _load_xz(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP: tl.const
     x = tl.load(row_ptr + cols.to(tl.int64) * stride_col, mask=mask, other=float("-inf"))
     x = x.to(tl.float32)
     if HAS_SOFTCAP:
+        # k is an fp32 argument on the GPU; the interpreter would make a subnormal k (c above
+        # 2^126) an fp64 constant and, with it, the whole chunk's arithmetic and stored gradient
+        inv_softcap = tl.cast(inv_softcap, tl.float32)
         u = x * inv_softcap
         u2 = u * u
         # tanh(u)/u = 1 - u^2/3 + 2u^4/15 - 17u^6/315 + 62u^8/2835 (next term < 1e-8 at 1/4)
@@ -95,7 +100,11 @@ def _load_xz(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP: tl.const
         e = tl.math.exp2(tl.abs(u) * (-2.0 * _LOG2E))
         q = _div(1.0, 1.0 + e)
         t = (1.0 - e) * q
-        z_big = tl.where(x < 0.0, -t, t) * _div(1.0, inv_softcap)
+        # c tanh(|u|) <= |x| is finite, but c = 1/k overflows fp32 when k < 2^-128: above
+        # 2^64, c enters as c 2^-64 and the product is scaled back (exact, as a power of 2)
+        huge_c = inv_softcap < _TWO_M64
+        c_scaled = _div(tl.where(huge_c, _TWO_M64, 1.0), inv_softcap)
+        z_big = (tl.where(x < 0.0, -t, t) * c_scaled) * tl.where(huge_c, _TWO_P64, 1.0)
         is_pad = x == float("-inf")
         z = tl.where(is_pad, x, tl.where(tl.abs(u) < 0.25, x * r, z_big))
         dz = tl.where(is_pad, 0.0, 4.0 * e * q * q)

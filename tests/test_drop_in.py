@@ -218,6 +218,44 @@ def test_softcap_stays_exact_at_any_magnitude(path, c):
     assert_close(grad, x64.grad, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # the fused and the late gradient
+@pytest.mark.parametrize("c", [1e30, 3e38, 1e39, 1e300])
+def test_softcap_with_a_subnormal_reciprocal(path, dtype, reduction, c):
+    """A softcap above 2^126 makes the kernels' k = 1/c subnormal in fp32. Triton's
+    interpreter took such a float argument for an fp64 constant, and the bf16 gradient it
+    then stored was all zeros (NaN before issue 15), with a correct loss. Above fp32's
+    largest value, c = 1/k itself overflowed: a logit with |x| / c >= 1/4 became NaN."""
+    x, t = _case(V=40, dtype=dtype)
+    if dtype != torch.float16:  # |x| / c of order 1 (fp16 ends at 65504); the logits span
+        # less than fp32's range (lse - z_j stays finite, in torch's fp32 arithmetic too)
+        x[0, :3] = torch.tensor([2e38, -1e38, 1e37]).to(dtype)
+    kw = dict(softcap=c, reduction=reduction, label_smoothing=1e-40, z_loss=1e-40)
+    loss, grad = _ours(x, t, **kw)
+    x64 = x.double().requires_grad_()
+    z = c * torch.tanh(x64 / c)
+    ref = F.cross_entropy(z, t, reduction=reduction, label_smoothing=1e-40)
+    ref = ref + 1e-40 * torch.logsumexp(z, dim=1).pow(2).mean() if reduction == "mean" else \
+        ref + 1e-40 * torch.logsumexp(z, dim=1).pow(2)
+    ref.sum().backward()
+    assert_close(loss, ref, dtype)
+    assert_close(grad, x64.grad, dtype)
+
+
+def test_bf16_linear_softcap_with_a_subnormal_reciprocal(path):
+    """linear_cross_entropy with the same softcap: its chunk kernels share the softcap code."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 16, generator=g).bfloat16().to(DEVICE).requires_grad_()
+    w = torch.randn(40, 16, generator=g).bfloat16().to(DEVICE).requires_grad_()
+    t = torch.randint(0, 40, (6,), generator=g).to(DEVICE)
+    sc.linear_cross_entropy(h, w, t, softcap=3e38).backward()
+    h64, w64 = (a.detach().double().requires_grad_() for a in (h, w))
+    F.cross_entropy(3e38 * torch.tanh(h64 @ w64.T / 3e38), t).backward()
+    # the chunk's logits are rounded to bf16 before the loss, as torch's bf16 F.linear does
+    assert_close(h.grad, h64.grad, torch.bfloat16, roundings=2)
+    assert_close(w.grad, w64.grad, torch.bfloat16, roundings=2)
+
+
 # ----------------------------------------------------------------------------- 7. ignore_index
 
 
