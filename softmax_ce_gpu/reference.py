@@ -50,7 +50,8 @@ def _target_matrix(target, weight, V, ignore_index, label_smoothing, acc):
     if w is not None:
         y = y * w
     coef_c = (1.0 - e) * w_c * valid
-    y.scatter_add_(1, c[:, None], coef_c[:, None])
+    # out of place: torch.vmap refuses an in-place scatter of batched values into y
+    y = y.scatter_add(1, c[:, None], coef_c[:, None])
     y = y * valid[:, None]
     return y, valid, coef_c
 

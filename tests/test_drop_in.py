@@ -459,6 +459,31 @@ def test_torch_func_grad_and_vmap(reduction):
     assert_close(got, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_vmap_of_grad_over_logits_and_targets(dtype, reduction):
+    """vmap(grad) with the class ids batched too: the late path (fp16, fp64, 'none') made
+    its gradient with an in-place scatter of batched ids, which vmap refuses (issue 15's
+    adversarial test); fp32 'mean' gave wrong gradients before issue 15."""
+    x, t = _case(N=5, V=20, dtype=dtype)
+    xs = torch.stack([x, x.flip(0), x * 0.5])
+    ts = torch.stack([t, t.flip(0), (t + 1) % 20])
+    ts[1, 2] = -100
+    w = torch.rand(20, device=DEVICE, dtype=torch.float64) + 0.5
+    for kw in (dict(), dict(label_smoothing=0.1, weight=w.to(dtype).double())):
+        def ours(xx, tt):  # the weight in the logits' dtype, its values the reference's
+            kw_ = dict(kw, weight=kw["weight"].to(dtype)) if kw else kw
+            return sc.cross_entropy(xx, tt, reduction=reduction, **kw_).sum()
+
+        def theirs(xx, tt):
+            return F.cross_entropy(xx, tt, reduction=reduction, **kw).sum()
+
+        got = torch.func.vmap(torch.func.grad(ours))(xs, ts)
+        ref = torch.func.vmap(torch.func.grad(theirs))(xs.double().requires_grad_(), ts)
+        assert got.dtype == dtype
+        assert_close(got, ref, dtype)
+
+
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 def test_torch_func_softmax(op):
     xs = torch.randn(3, 4, 20, device=DEVICE)
