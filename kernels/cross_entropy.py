@@ -603,7 +603,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     """
     N, V = logits.shape
     if stats is None:  # one allocation for all the per-row outputs
-        stats = torch.empty(7 if with_stats else 4, N, dtype=torch.float32, device=logits.device)
+        stats = logits.new_empty(7 if with_stats else 4, N, dtype=torch.float32)
     fuse = grad is not None
     if not fuse:
         grad = logits  # not written: FUSE_GRAD=False

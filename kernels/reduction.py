@@ -99,7 +99,7 @@ def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32
     fp32; V >= 1; acc fp32 (the kernels accumulate in fp32; the pure-PyTorch path takes
     fp64 too).
     """
-    scale = torch.empty(3, dtype=torch.float32, device=target.device)
+    scale = target.new_empty(3, dtype=torch.float32)  # new_empty: no device to build
     _loss_scale_kernel[(1,)](
         scale if prob else target, weight if weight is not None else scale, scale,
         0 if prob else target.stride(0),
@@ -114,7 +114,7 @@ def loss_reduce(loss_rows, scale, *, mean, dtype):
     """() tensor of ``dtype``: the sum of the per-row losses, divided by the denominator
     scale[1] when ``mean``. loss_rows: (N,) fp32, contiguous, or the (k, N) contiguous stats
     of a loss launch, whose row 0 they are (passed whole: no view to make)."""
-    out = torch.empty((), dtype=dtype, device=loss_rows.device)
+    out = loss_rows.new_empty((), dtype=dtype)
     _loss_reduce_kernel[(1,)](loss_rows, scale, out, loss_rows.shape[-1], MEAN=mean,
                               BLOCK=_BLOCK, num_warps=4)
     return out

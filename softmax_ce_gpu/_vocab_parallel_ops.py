@@ -178,7 +178,7 @@ def _vocab_parallel_grad(x: Tensor, target: Tensor, shard: Tensor, row_max: Tens
     """dloss * grad_scale * dl/dx on this shard's columns, a new (N, W) tensor of x's dtype.
 
     row_max, row_logd (N,): the global per-row max and log d; dloss () or (N,); grad_scale ()."""
-    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0] and x.shape[1]:
         _impl(fn, x).vocab_parallel_bwd(x, target, shard, row_max, row_logd, dloss, grad_scale,
                                         grad, ignore_index=ignore_index,
@@ -193,4 +193,4 @@ vocab_parallel_grad = _ops._custom_op("vocab_parallel_grad", _vocab_parallel_gra
 @vocab_parallel_grad.register_fake
 def _(x, target, shard, row_max, row_logd, dloss, grad_scale, ignore_index, label_smoothing,
       z_loss, softcap, fn):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

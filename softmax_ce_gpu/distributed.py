@@ -176,7 +176,7 @@ class _VocabParallelFunction(torch.autograd.Function):
             loss_rows, row_max, row_logd = (x.new_empty(0, dtype=acc) for _ in range(3))
             row_stats = (x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc),
                          x.new_empty(0, dtype=torch.bool))
-            grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if fuse else None
+            grad = torch.empty_like(x, memory_format=torch.contiguous_format) if fuse else None
         else:
             run = _ops.runner(x)  # one eager-or-op decision for the forward
             # checks the class ids against the global V first (the same on every rank)
