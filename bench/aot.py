@@ -99,6 +99,7 @@ class Config:
 KERNEL_NAMES = {
     "fwd": "_cross_entropy_fwd_kernel",
     "fused": "_cross_entropy_fwd_kernel",
+    "fused-own": "_cross_entropy_fwd_kernel",
     "single": "_cross_entropy_single_kernel",
     "bwd": "_cross_entropy_bwd_kernel",
     "scale": "_scale_grad_kernel",
@@ -106,6 +107,9 @@ KERNEL_NAMES = {
 
 
 LOSS_KERNELS = ("fwd", "fused", "single", "bwd")
+# the fused forward that makes the reduction's scale itself (few rows: own_scale); its code
+# past the row sweeps does not depend on V, so one vocabulary is compiled
+OWN_SCALE_VOCABS = (32000,)
 
 
 def configs(vocabs=VOCABS, dtypes=DTYPES, option_sets=None):
@@ -124,6 +128,8 @@ def configs(vocabs=VOCABS, dtypes=DTYPES, option_sets=None):
                     for opt in STATS_SETS:
                         if kernel != "bwd" or STATS_SETS[opt].get("tgrad"):
                             out.append(Config(kernel, opt, dtype, V))
+            if default and V in OWN_SCALE_VOCABS:
+                out.extend(Config("fused-own", opt, dtype, V) for opt in option_sets)
             out.append(Config("scale", "-", dtype, V))
     return out
 
@@ -206,6 +212,10 @@ def capture(cfg, module=None):
                 module.cross_entropy_fwd(logits, target, weight, grad=torch.empty_like(logits),
                                          grad_scale=torch.ones((), dtype=torch.float32),
                                          with_stats=bool(o.get("stats")), dtarget=dtarget, **kw)
+            elif cfg.kernel == "fused-own":
+                module.cross_entropy_fwd(logits, target, weight, grad=torch.empty_like(logits),
+                                         grad_scale=torch.empty(3, dtype=torch.float32),
+                                         dtarget=dtarget, own_scale=True, **kw)
             else:
                 module.cross_entropy_fwd(logits, target, weight, with_stats=bool(o.get("stats")),
                                          **kw)
@@ -408,6 +418,7 @@ PATH_SWEEPS = {
     # path: (sweeps reading the logits (the gradient for 'scale'), sweeps writing the gradient)
     "fwd": (1, 0),
     "fused": (2, 1),
+    "fused-own": (2, 1),
     "single": (1, 1),
     "bwd": (1, 1),
     "scale": (1, 1),

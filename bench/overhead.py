@@ -47,8 +47,9 @@ def _module():
 class _Stub:
     """Stands in for a @triton.jit kernel: ``k[grid](*args, **kw)`` counts and returns.
 
-    effect(args), when given, writes what the host reads back from that kernel on CPU (the
-    class-id check's flag): an extra host-side write, so the measured time only grows.
+    effect(args, kwargs), when given, writes what the host reads back from that kernel on
+    CPU (the class-id check's flag): an extra host-side write, so the measured time only
+    grows.
     """
 
     def __init__(self, counter, effect=None):
@@ -59,21 +60,29 @@ class _Stub:
         def launch(*args, **kwargs):
             self.counter[0] += 1
             if self.effect is not None:
-                self.effect(args)
+                self.effect(args, kwargs)
         return launch
 
 
-def _ids_ok(args):
-    # _loss_scale_kernel's output: a grad_scale and denominator of 1, ids ok, which the host
-    # reads on CPU. Written through numpy (the tensor's memory, no aten op): no launch under
-    # the launch counter, and as little host time as the stub can add to what it stands in
-    # for. (A meta tensor, tests/test_host_sync.py, holds nothing to write or read.)
-    out = args[2]
+def _write_ids_ok(out):
+    # the reduction's scale: a grad_scale and denominator of 1, ids ok, which the host reads
+    # on CPU. Written through numpy (the tensor's memory, no aten op): no launch under the
+    # launch counter, and as little host time as the stub can add to what it stands in for.
+    # (A meta tensor, tests/test_host_sync.py, holds nothing to write or read.)
     if out.is_cpu:
         out.numpy()[:] = 1.0
 
 
-_EFFECTS = {"_loss_scale_kernel": _ids_ok}
+def _ids_ok(args, kwargs):
+    _write_ids_ok(args[2])  # _loss_scale_kernel's scale_ptr
+
+
+def _own_scale_ids_ok(args, kwargs):
+    if kwargs.get("OWN_SCALE"):  # the loss launch makes the scale (few rows)
+        _write_ids_ok(args[5])  # _cross_entropy_fwd_kernel's grad_scale_ptr
+
+
+_EFFECTS = {"_loss_scale_kernel": _ids_ok, "_cross_entropy_fwd_kernel": _own_scale_ids_ok}
 
 
 @contextlib.contextmanager

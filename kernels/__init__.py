@@ -52,16 +52,21 @@ else:
 
     def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss,
                           softcap, grad=None, grad_scale=None, stats=None, with_stats=False,
-                          dtarget=None):
+                          dtarget=None, own_scale=None):
         """The forward launcher (kernels/cross_entropy.py's contract). With ``grad`` (the
         fused loss + gradient) it runs the path tuning.fused_path picks: the single-pass
         kernel of kernels/cross_entropy_single.py, or the two-sweep kernel, which also
-        takes every call with per-row statistics (with_stats) or a target gradient."""
+        takes every call with per-row statistics (with_stats) or a target gradient. The
+        single-pass kernel does not make its own scale: with own_scale, loss_scale's launch
+        makes it first."""
         if (grad is not None and not with_stats and dtarget is None
                 and tuning.single_requested()):
             flags = _flags(target, weight, label_smoothing, z_loss, softcap)
             if tuning.fused_path(logits.shape[1], logits.element_size(), flags,
                                  _resident_programs(logits.device)) == "single":
+                if own_scale is not None:
+                    loss_scale(target, weight, ignore_index=ignore_index, mean=own_scale,
+                               prob=flags["PROB_TARGET"], V=logits.shape[1], out=grad_scale)
                 return cross_entropy_single_fwd(
                     logits, target, weight, ignore_index=ignore_index,
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, grad=grad,
@@ -69,7 +74,7 @@ else:
         return _two_sweep_fwd(logits, target, weight, ignore_index=ignore_index,
                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                               grad=grad, grad_scale=grad_scale, stats=stats,
-                              with_stats=with_stats, dtarget=dtarget)
+                              with_stats=with_stats, dtarget=dtarget, own_scale=own_scale)
 
     __all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_single_fwd",
                "cross_entropy_bwd", "scale_grad", "loss_scale", "loss_reduce", "softmax_fwd",

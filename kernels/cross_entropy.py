@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .reduction import reduction_scale
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): exp2 is one MUFU.EX2
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -291,7 +292,8 @@ def _cross_entropy_fwd_kernel(
     stats_ptr,       # (4, N) fp32 out, rows stride_stats apart: per-row loss, max m of z,
                      # log d (lse = m + log d) and S = sum of the target weights
     grad_ptr,        # (N, V) logits dtype out, written if FUSE_GRAD (may alias logits)
-    grad_scale_ptr,  # () fp32: factor of the fused gradient (1 / denominator for 'mean')
+    grad_scale_ptr,  # () fp32: factor of the fused gradient (1 / denominator for 'mean');
+                     # with OWN_SCALE the (3,) fp32 out that program 0 writes the scale into
     dt_ptr,          # (N, V) target dtype out: d loss / d target, written if TARGET_GRAD
     # strides (in elements)
     stride_x_row, stride_x_col,
@@ -300,17 +302,23 @@ def _cross_entropy_fwd_kernel(
     stride_dt_row, stride_dt_col,
     stride_stats,
     # sizes
-    V,
+    V, N,
     # runtime scalars
     ignore_index, label_smoothing, z_loss, inv_softcap,
     # constexprs
     HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FUSE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, STATS: tl.constexpr = False, TARGET_GRAD: tl.constexpr = False,
+    OWN_SCALE: tl.constexpr = False, MEAN: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 1,
 ):
     """Per-row loss, max, log d and S; with FUSE_GRAD also the row's gradient times *grad_scale,
     with TARGET_GRAD the target's. STATS: rows 4-6 of the stats get lse, the entropy of the
-    softmax and whether the argmax is the target (1.0 / 0.0), from the same sweep."""
+    softmax and whether the argmax is the target (1.0 / 0.0), from the same sweep.
+
+    OWN_SCALE (few rows, kernels/reduction.py): every program computes the reduction's
+    [grad_scale, denominator, ok] from all N class ids itself (the same result in each:
+    no launch of _loss_scale_kernel before this one), program 0 stores it at grad_scale_ptr.
+    MEAN: the reduction is 'mean'. SCALE_BLOCK: ids read per step (a power of 2)."""
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     t_row_ptr = target_ptr + row * stride_t_row
@@ -435,9 +443,18 @@ def _cross_entropy_fwd_kernel(
         tl.store(stats_ptr + 5 * stride_stats + row, tl.where(valid, entropy, float("nan")))
         tl.store(stats_ptr + 6 * stride_stats + row, (valid & hit).to(tl.float32))
 
+    if OWN_SCALE:
+        scale, denom, ok = reduction_scale(target_ptr, weight_ptr, stride_t_row, N, V,
+                                           ignore_index, MEAN, PROB_TARGET, HAS_WEIGHT,
+                                           SCALE_BLOCK)
+        first = row == 0
+        tl.store(grad_scale_ptr, scale, mask=first)
+        tl.store(grad_scale_ptr + 1, denom, mask=first)
+        tl.store(grad_scale_ptr + 2, ok, mask=first)
+    elif FUSE_GRAD or TARGET_GRAD:
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
     if FUSE_GRAD or TARGET_GRAD:
         # the same program sweeps the row again at once: its bytes are still in L2
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
         _write_row_grad(x_row_ptr, t_row_ptr, weight_ptr, grad_ptr + row * stride_g_row,
                         dt_ptr + row * stride_dt_row,
                         stride_x_col, stride_t_col, stride_g_col, stride_dt_col,
@@ -558,14 +575,20 @@ def _target_strides(target):
 # while tuning.use_row_config overrides the table (bench/sweep.py), which they would hide.
 _META = {}
 
+# own_scale (the host asks for it for few rows, softmax_ce_gpu/_ops.py): each program of the
+# loss launch reads every class id (2 KB of int64 ids for 256 rows, from L2 after the first
+# program) to make the reduction's scale itself, which saves the launch of
+# _loss_scale_kernel before it; the ids are read in blocks of OWN_SCALE_BLOCK
+OWN_SCALE_BLOCK = 256
+
 
 def _launch_meta(kind, logits, target, weight, label_smoothing, z_loss, softcap, target_grad,
-                 with_stats=False, fuse=False):
+                 with_stats=False, fuse=False, own_scale=None):
     """The constexpr keyword arguments of a forward ("fwd") or backward ("bwd") launch."""
     V, element_size = logits.shape[1], logits.element_size()
     key = (kind, V, element_size, weight is not None, target.is_floating_point(),
            label_smoothing > 0.0, z_loss > 0.0, softcap is not None, target_grad, with_stats,
-           fuse)
+           fuse, own_scale)
     meta = _META.get(key)
     if meta is None or tuning.row_config_overridden():
         flags = _flags(target, weight, label_smoothing, z_loss, softcap)
@@ -574,6 +597,8 @@ def _launch_meta(kind, logits, target, weight, label_smoothing, z_loss, softcap,
             block, num_warps = tuning.row_config(V, element_size, heavy, with_stats)
             meta = dict(FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, STATS=with_stats,
                         TARGET_GRAD=target_grad, **flags)
+            if own_scale is not None:
+                meta.update(OWN_SCALE=True, MEAN=own_scale, SCALE_BLOCK=OWN_SCALE_BLOCK)
         else:
             block, num_warps = tuning.row_config(V, element_size, heavy)
             meta = dict(BLOCK_V=block, num_warps=num_warps, WRITE_X=fuse,
@@ -584,7 +609,8 @@ def _launch_meta(kind, logits, target, weight, label_smoothing, z_loss, softcap,
 
 
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
-                      grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None):
+                      grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None,
+                      own_scale=None):
     """Per-row loss, max, log d and S of 2-D logits; with ``grad``, also the fused gradient.
 
     Preconditions (checked by the host code, not here): logits (N, V) fp32/bf16/fp16 with
@@ -597,6 +623,9 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     to write the stats into. with_stats: rows 4-6 get lse, the entropy and whether the
     argmax is the target (1.0 / 0.0). dtarget: None, or an (N, V) tensor of the
     probability target's dtype that receives grad_scale * d loss / d target.
+    own_scale: None (grad_scale is read), or the reduction's ``mean`` flag: the launch then
+    makes what reduction.loss_scale would (grad_scale, denominator, ok) into grad_scale, a
+    (3,) fp32 tensor, every program from all N ids (meant for few rows).
 
     Returns the (4, N) ((7, N)) fp32 stats whose rows are the per-row loss, max, log d and S
     (then lse, entropy, correct).
@@ -613,7 +642,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     if not target_grad:
         dtarget = logits  # not written: TARGET_GRAD=False
     meta = _launch_meta("fwd", logits, target, weight, label_smoothing, z_loss, softcap,
-                        target_grad, with_stats, fuse)
+                        target_grad, with_stats, fuse, own_scale)
     stride_x_row, stride_x_col = logits.stride()
     stride_t_row, stride_t_col = _target_strides(target)
     stride_g_row, stride_g_col = grad.stride()
@@ -622,7 +651,7 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
         logits, target, stats if weight is None else weight, stats, grad, grad_scale, dtarget,
         stride_x_row, stride_x_col, stride_t_row, stride_t_col,
         stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stats.stride(0),
-        V,
+        V, N,
         ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap), **meta,
     )
     return stats

@@ -27,17 +27,12 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _loss_scale_kernel(
-    target_ptr,      # (N,) integer class ids (unused with PROB_TARGET)
-    weight_ptr,      # (V,) fp32 class weights, read if HAS_WEIGHT
-    scale_ptr,       # (3,) fp32 out: grad_scale, denominator, ok (1.0, or 0.0 for a bad id)
-    stride_t,
-    N, V,
-    ignore_index,
-    MEAN: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """The mean's denominator and grad_scale, and the class-id range check, in one program."""
+def reduction_scale(target_ptr, weight_ptr, stride_t, N, V, ignore_index,
+                    MEAN: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """(grad_scale, denominator, ok) of a loss over N rows (see the module docstring), read
+    by one program; also run by every program of a loss launch that makes its own scale
+    (kernels/cross_entropy.py, few rows), each to the same result."""
     acc = tl.zeros([BLOCK], tl.float32)
     bad = tl.zeros([BLOCK], tl.int32)
     if not PROB_TARGET:
@@ -62,9 +57,26 @@ def _loss_scale_kernel(
         grad_scale = 1.0 / denom
     else:
         grad_scale = denom * 0.0 + 1.0
+    return grad_scale, denom, (tl.max(bad, axis=0) == 0).to(tl.float32)
+
+
+@triton.jit
+def _loss_scale_kernel(
+    target_ptr,      # (N,) integer class ids (unused with PROB_TARGET)
+    weight_ptr,      # (V,) fp32 class weights, read if HAS_WEIGHT
+    scale_ptr,       # (3,) fp32 out: grad_scale, denominator, ok (1.0, or 0.0 for a bad id)
+    stride_t,
+    N, V,
+    ignore_index,
+    MEAN: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The mean's denominator and grad_scale, and the class-id range check, in one program."""
+    grad_scale, denom, ok = reduction_scale(target_ptr, weight_ptr, stride_t, N, V,
+                                            ignore_index, MEAN, PROB_TARGET, HAS_WEIGHT, BLOCK)
     tl.store(scale_ptr, grad_scale)
     tl.store(scale_ptr + 1, denom)
-    tl.store(scale_ptr + 2, (tl.max(bad, axis=0) == 0).to(tl.float32))
+    tl.store(scale_ptr + 2, ok)
 
 
 @triton.jit
@@ -89,7 +101,7 @@ def _loss_reduce_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32):
+def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32, out=None):
     """(3,) fp32 [grad_scale, denominator, ok] of a loss: ok is 1.0 when every class id is in
     [0, V) or ignore_index, else 0.0. grad_scale first: the tensor itself is the grad_scale
     the loss kernels read (their first element), without a view.
@@ -97,9 +109,9 @@ def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32
     Preconditions: target (N,) integer class ids (any stride; N >= 0) or, with prob,
     anything whose first dimension is N (only N is used); weight None or (V,) contiguous
     fp32; V >= 1; acc fp32 (the kernels accumulate in fp32; the pure-PyTorch path takes
-    fp64 too).
+    fp64 too); out None or a (3,) fp32 tensor to write into.
     """
-    scale = target.new_empty(3, dtype=torch.float32)  # new_empty: no device to build
+    scale = target.new_empty(3, dtype=torch.float32) if out is None else out
     _loss_scale_kernel[(1,)](
         scale if prob else target, weight if weight is not None else scale, scale,
         0 if prob else target.stride(0),

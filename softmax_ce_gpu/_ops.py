@@ -28,6 +28,10 @@ from ._backend import backend_for
 from ._reduction import acc_dtype
 
 _NS = "softmax_ce_gpu"
+# Up to this many rows the loss launch makes the reduction's scale itself (own_scale of the
+# launchers): one launch less per forward, for each program reading every class id (2 KB of
+# int64 ids at 256 rows, from L2); more rows take loss_scale's launch of one program
+_OWN_SCALE_ROWS = 256
 _EAGER = {}  # custom op -> (its implementation, positions of the arguments it mutates)
 
 
@@ -82,11 +86,14 @@ def _check_ids(scale, fn, target, V, ignore_index):
 
 
 def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             loss_dtype, with_stats, fn, grad, dtarget):
+             loss_dtype, with_stats, fn, grad, dtarget, fresh=True):
     """The forward of a cross-entropy call on (N, V) logits, every launch of it: the
     reduction's scale (which checks the class ids), the loss kernel (writing the fused
     gradient into grad and the probability target's into dtarget, each when not None),
-    and the reduced loss's sum (not for 'none').
+    and the reduced loss's sum (not for 'none'). For few rows (_OWN_SCALE_ROWS) the loss
+    launch makes the scale itself, when ``fresh``: grad and dtarget are this
+    call's new tensors, so that a bad class id, found after that launch, has overwritten
+    nothing of the caller's.
 
     Returns (loss, stats, scale): the loss of loss_dtype, the per-row stats ((4, N): loss,
     max, log d, S; (7, N) with_stats: then lse, entropy, correct) and loss_scale's (3,)
@@ -96,15 +103,23 @@ def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z
     mean = reduction == "mean"
     prob = target.is_floating_point()
     N, V = logits.shape
-    scale = backend.loss_scale(target, weight, ignore_index=ignore_index, mean=mean, prob=prob,
-                               V=V, acc=acc_dtype(logits))
-    if not prob:
-        _check_ids(scale, fn, target, V, ignore_index)
+    # few rows, and nothing of the caller's to write: the loss launch makes the scale itself
+    # and the ids are checked after it (a bad id is clamped there: it reads no stray memory)
+    own = fresh and 0 < N <= _OWN_SCALE_ROWS
+    if own:
+        scale = logits.new_empty(3, dtype=acc_dtype(logits))
+    else:
+        scale = backend.loss_scale(target, weight, ignore_index=ignore_index, mean=mean,
+                                   prob=prob, V=V, acc=acc_dtype(logits))
+        if not prob:
+            _check_ids(scale, fn, target, V, ignore_index)
     if N:
         stats = backend.cross_entropy_fwd(
             logits, target, weight, grad=grad, grad_scale=scale, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            with_stats=with_stats, dtarget=dtarget)
+            with_stats=with_stats, dtarget=dtarget, own_scale=mean if own else None)
+        if own and not prob:
+            _check_ids(scale, fn, target, V, ignore_index)
     else:
         stats = _stats_like(logits, with_stats)
     if reduction == "none":  # a copy, never a view of the stats saved for backward
@@ -184,7 +199,7 @@ def _cross_entropy_forward_out(logits: Tensor, target: Tensor, weight: Optional[
     """(loss, stats, scale) of _forward; the gradient times grad_scale goes into `out` (not
     the logits)."""
     return _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap, loss_dtype, with_stats, fn, out, None)
+                    softcap, loss_dtype, with_stats, fn, out, None, fresh=False)
 
 
 cross_entropy_forward_out = _custom_op("cross_entropy_forward_out", _cross_entropy_forward_out,
@@ -209,7 +224,7 @@ def _cross_entropy_forward_inplace(logits: Tensor, target: Tensor, weight: Optio
     dtarget = _maybe_like(target, with_target_grad)
     loss, stats, scale = _forward(logits, target, weight, ignore_index, reduction,
                                   label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
-                                  logits, dtarget if with_target_grad else None)
+                                  logits, dtarget if with_target_grad else None, fresh=False)
     return loss, stats, scale, dtarget
 
 

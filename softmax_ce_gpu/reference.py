@@ -132,10 +132,14 @@ def _write_grads(grad, dtarget, z, dz, y, valid, m, logd, S, z_loss, scale, targ
 
 
 def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
-                      grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None):
+                      grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None,
+                      own_scale=None):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_fwd."""
     acc = acc_dtype(logits)
     V = logits.shape[1]
+    if own_scale is not None:
+        grad_scale.copy_(loss_scale(target, weight, ignore_index=ignore_index, mean=own_scale,
+                                    prob=target.is_floating_point(), V=V, acc=acc))
     z, dz = _capped(logits, softcap, acc)
     y, valid, coef_c = _target_matrix(target, weight, V, ignore_index, label_smoothing, acc)
     m, logd = _row_stats(z)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import softmax_ce_gpu
-from softmax_ce_gpu import kernels
+from softmax_ce_gpu import _ops, kernels
 from softmax_ce_gpu.kernels import tuning
 
 try:
@@ -77,20 +77,38 @@ def _no_stray_accesses(bc):
         assert launch.unattributed == 0, launch.kernel
 
 
+def _scale_launches(own_scale):
+    """The launches before the loss kernel: none when it makes the reduction's scale itself
+    (few rows, softmax_ce_gpu/_ops.py), else loss_scale's one program."""
+    return [] if own_scale else ["_loss_scale_kernel"]
+
+
+@pytest.fixture(params=[True, False], ids=["own-scale", "scale-launch"])
+def own_scale(request, monkeypatch):
+    """Both ways of making the reduction's scale: in the loss launch (the default for the
+    N rows here) or in a launch before it (as for more than _OWN_SCALE_ROWS rows)."""
+    if not request.param:
+        monkeypatch.setattr(_ops, "_OWN_SCALE_ROWS", 0)
+    else:
+        assert N <= _ops._OWN_SCALE_ROWS
+    return request.param
+
+
 @pytest.mark.parametrize("dtype,V", CASES)
 @pytest.mark.parametrize("options", [{}, ALL_OPTIONS], ids=["plain", "all-options"])
 def test_fused_forward_reads_each_logit_twice_in_a_row_and_writes_the_gradient_once(
-        dtype, V, options):
+        dtype, V, options, own_scale):
     x, t, w = _inputs(dtype, V, weight=bool(options))
     x.requires_grad_(True)
     with byte_count.ByteCounter(trace=True) as bc:
         loss = softmax_ce_gpu.cross_entropy(x, t, w, **options)
     launch = _only(bc, "_cross_entropy_fwd_kernel")
-    # around it, the reduction's two one-program launches, which touch no logit
-    assert [k.kernel for k in bc.launches] == ["_loss_scale_kernel", "_cross_entropy_fwd_kernel",
-                                                "_loss_reduce_kernel"]
-    for small in (bc.launches[0], bc.launches[2]):
-        assert small.bytes(x.detach()) == (0, 0)
+    # around it, the reduction's one-program launches, which touch no logit
+    assert [k.kernel for k in bc.launches] == _scale_launches(own_scale) + [
+        "_cross_entropy_fwd_kernel", "_loss_reduce_kernel"]
+    for small in bc.launches:
+        if small is not launch:
+            assert small.bytes(x.detach()) == (0, 0)
     _no_stray_accesses(bc)
     loss.backward()
     grad = x.grad
@@ -124,7 +142,7 @@ def test_fused_forward_reads_each_logit_twice_in_a_row_and_writes_the_gradient_o
 
 
 @pytest.mark.parametrize("dtype,V", CASES)
-def test_forward_without_gradient_reads_each_logit_once(dtype, V):
+def test_forward_without_gradient_reads_each_logit_once(dtype, V, own_scale):
     x, t, _ = _inputs(dtype, V)
     with byte_count.ByteCounter() as bc:
         softmax_ce_gpu.cross_entropy(x, t)
@@ -132,19 +150,21 @@ def test_forward_without_gradient_reads_each_logit_once(dtype, V):
     _no_stray_accesses(bc)
     _assert_reads(launch.counts(x, "r"), t, 1)
     assert not launch.counts(x, "w").any()
-    # what it writes: four fp32 numbers per row (loss, max, log d, S), nothing of size N x V
-    assert sum(r.bytes_written for r in launch.regions.values()) == 4 * 4 * N
+    # what it writes: four fp32 numbers per row (loss, max, log d, S), nothing of size N x V;
+    # and the reduction's three when it makes them
+    assert sum(r.bytes_written for r in launch.regions.values()) == 4 * 4 * N + 12 * own_scale
 
 
 @pytest.mark.parametrize("dtype,V", CASES)
-def test_backward_time_path_reads_each_logit_once_and_writes_each_gradient_once(dtype, V):
+def test_backward_time_path_reads_each_logit_once_and_writes_each_gradient_once(dtype, V,
+                                                                              own_scale):
     x, t, _ = _inputs(dtype, V)
     x.requires_grad_(True)
     with byte_count.ByteCounter() as fwd:
         loss = softmax_ce_gpu.cross_entropy(x, t, reduction="none")
     launch = _only(fwd, "_cross_entropy_fwd_kernel")
     _assert_reads(launch.counts(x.detach(), "r"), t, 1)
-    assert sum(r.bytes_written for r in launch.regions.values()) == 4 * 4 * N
+    assert sum(r.bytes_written for r in launch.regions.values()) == 4 * 4 * N + 12 * own_scale
 
     dloss = torch.rand(N, dtype=dtype) + 0.5
     with byte_count.ByteCounter() as bwd:
@@ -181,7 +201,7 @@ def test_scale_grad_touches_the_gradient_only_when_the_upstream_gradient_is_not_
     assert torch.equal(launch.counts(y.grad, "w"), ones)
 
 
-def test_ignored_rows_read_none_of_their_logits():
+def test_ignored_rows_read_none_of_their_logits(own_scale):
     dtype, V = torch.float32, 4100
     x, t, w = _inputs(dtype, V, weight=True)
     t[:] = -100
@@ -190,10 +210,9 @@ def test_ignored_rows_read_none_of_their_logits():
     with byte_count.ByteCounter() as bc:
         loss = softmax_ce_gpu.cross_entropy(x, t, w, reduction="none", **ALL_OPTIONS)
         torch.autograd.grad(loss, x, torch.ones(N, dtype=dtype))
-    assert [launch.kernel for launch in bc.launches] == ["_loss_scale_kernel",
-                                                         "_cross_entropy_fwd_kernel",
-                                                         "_cross_entropy_bwd_kernel"]
-    for launch in bc.launches[1:]:
+    assert [launch.kernel for launch in bc.launches] == _scale_launches(own_scale) + [
+        "_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel"]
+    for launch in bc.launches[-2:]:
         reads = launch.counts(x.detach(), "r")
         assert not reads[1:].any(), launch.kernel
         assert reads[0].all(), launch.kernel

@@ -107,6 +107,32 @@ def test_class_targets_match_torch(dtype, reduction, opts):
 
 
 @pytest.mark.usefixtures("fused_path")
+@pytest.mark.parametrize("own_scale", [True, False], ids=["own-scale", "scale-launch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", ["ignore-weight-ls", "prob-weight-ls", "all-ignored"])
+def test_reduction_scale_made_in_the_loss_launch_or_before_it(monkeypatch, own_scale, dtype,
+                                                              reduction, case):
+    """Up to _OWN_SCALE_ROWS rows the loss launch makes the reduction's scale (the mean's
+    denominator, the id check) itself; more rows take a launch before it. Both, against
+    torch, with weights, ignored rows, probabilities and a 0 / 0 mean (NaN)."""
+    from softmax_ce_gpu import _ops
+
+    N = 9
+    monkeypatch.setattr(_ops, "_OWN_SCALE_ROWS", N if own_scale else N - 1)
+    x, t, w = make_case(N, 40, dtype, target="prob" if case == "prob-weight-ls" else "class",
+                        ignore=True, weight=True)
+    if case == "all-ignored":
+        t[:] = -100
+    check(x, t, w, dtype=dtype, reduction=reduction, label_smoothing=0.2)
+    t = torch.randint(0, 40, (N,), device=DEVICE)
+    t[4] = 40
+    with pytest.raises(ValueError, match=r"cross_entropy: class id 40 in 'target' is outside "
+                                         r"\[0, 40\)"):
+        sc.cross_entropy(x.clone().requires_grad_(), t, reduction=reduction)
+
+
+@pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["prob", "prob_unnorm"])

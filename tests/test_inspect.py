@@ -182,13 +182,17 @@ def test_aligned_rows_move_in_16_byte_accesses(inspected, case):
         writes += 1
     scalar_stores = 7 if opts.get("stats") and path != "bwd" else 4
     exchange = 5 if path == "single" else 0
+    # the forward that makes the reduction's scale: once per program, after the sweeps, the
+    # block of 256 class ids and their weights (narrow loads, 13 seen) and its 3 stores
+    own_loads, own_stores = (16, 3) if path == "fused-own" else (0, 0)
     checked = 0
     for r in _of(inspected[0], case):
         threads = 32 * r["num_warps"]
         per_thread = r["block"] * ELEMENT_SIZE[r["dtype"]] // threads
         assert r["ldg128"] >= reads * per_thread // 16, r
         assert r["stg128"] >= writes * per_thread // 16, r
-        assert r["ldg_other"] <= 10 + exchange and r["stg_other"] <= scalar_stores + exchange, r
+        assert r["ldg_other"] <= 10 + exchange + own_loads, r
+        assert r["stg_other"] <= scalar_stores + exchange + own_stores, r
         checked += 1
     assert checked
 
