@@ -90,9 +90,12 @@ class _NoSecondOrder(torch.autograd.Function):
                            f"made with create_graph=True) is not supported here; {ctx.hint}")
 
 
-def no_second_order(fn, hint, anchor, dloss, *grads):
+def no_second_order(fn, hint, dloss, *grads):
     """The gradients (times dloss unless it is None) as new tensors that autograd can hold
     in a graph (create_graph=True) but not differentiate: their backward raises, naming fn
-    and the hint. anchor: a tensor that requires grad (e.g. the loss), which ties them to
-    the graph so that a backward through them reaches that error."""
+    and the hint. Their node hangs from a new leaf that requires grad (the anchor): the
+    loss itself is not saved for backward, so that the caller may modify it in place
+    (loss /= steps) as torch's allows."""
+    device = next((g.device for g in grads if g is not None), None)
+    anchor = torch.zeros((), device=device, requires_grad=True)
     return _NoSecondOrder.apply(anchor, dloss, fn, hint, *grads)

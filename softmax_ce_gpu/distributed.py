@@ -210,9 +210,9 @@ class _VocabParallelFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         saved = output[1:len(output) - 3] if with_stats else output[1:]  # what backward needs
         if mode == "fused":
-            ctx.save_for_backward(saved[0], output[0])
+            ctx.save_for_backward(saved[0])
         elif mode == "late":
-            ctx.save_for_backward(x, t, *saved, output[0])
+            ctx.save_for_backward(x, t, *saved)
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -221,19 +221,19 @@ class _VocabParallelFunction(torch.autograd.Function):
             return (None, *nones)
         second_order = torch.is_grad_enabled()  # create_graph=True
         if ctx.mode == "fused":
-            grad, loss = take_fused_grad(ctx, ctx.fn)
+            (grad,) = take_fused_grad(ctx, ctx.fn)
             if second_order:
-                return (*no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, grad), *nones)
+                return (*no_second_order(ctx.fn, _SECOND_ORDER_HINT, dloss, grad), *nones)
             _ops.call(_ops.scale_grad_, grad, dloss)
             return (grad, *nones)
-        x, t, shard, row_max, row_logd, grad_scale, loss = ctx.saved_tensors
+        x, t, shard, row_max, row_logd, grad_scale = ctx.saved_tensors
         o = ctx.opts
         with torch.no_grad():
             grad = _ops.call(_vp.vocab_parallel_grad, x, t, shard, row_max, row_logd, dloss,
                              grad_scale, o.ignore_index, o.label_smoothing, o.z_loss, o.softcap,
                              ctx.fn)
         if second_order:
-            (grad,) = no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, None, grad)
+            (grad,) = no_second_order(ctx.fn, _SECOND_ORDER_HINT, None, grad)
         return (grad, *nones)
 
 

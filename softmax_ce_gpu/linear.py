@@ -147,9 +147,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
         ctx.set_materialize_grads(False)
         if ctx.fused:
-            ctx.save_for_backward(output[0], *output[3:])
+            ctx.save_for_backward(*output[3:])
         elif any(spec.need):
-            ctx.save_for_backward(output[0], x, lw, lb, t, weight, output[1], output[2])
+            ctx.save_for_backward(x, lw, lb, t, weight, output[1], output[2])
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -159,29 +159,29 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         second_order = torch.is_grad_enabled()  # create_graph=True
         if ctx.fused:
             if second_order or spec.retain:  # out of place
-                loss, gi, gw, gb, gt = ctx.saved_tensors
+                gi, gw, gb, gt = ctx.saved_tensors
                 if second_order:
-                    gi, gw, gb, gt = no_second_order(_FN, _SECOND_ORDER_HINT, loss, dloss,
+                    gi, gw, gb, gt = no_second_order(_FN, _SECOND_ORDER_HINT, dloss,
                                                      gi, gw, gb, gt)
                     return gi, gw, gb, gt, None, None
                 gi, gw, gb, gt = (None if g is None else g * dloss for g in (gi, gw, gb, gt))
                 return gi, gw, gb, gt, None, None
             # in place, once: the op declares its write (bumping the saved tensors' versions)
-            loss, gi, gw, gb, gt = take_fused_grad(ctx, _FN, "compute the loss again, or pass "
+            gi, gw, gb, gt = take_fused_grad(ctx, _FN, "compute the loss again, or pass "
                                                    "options with allow_retain_graph=True")
             run = _ops.runner(dloss)
             for g in (gi, gw, gb, gt):
                 if g is not None and g.numel():
                     run(_linear_ops.scale_flat_, g, dloss)
             return gi, gw, gb, gt, None, None
-        loss, x, lw, lb, t, weight, stats, grad_scale = ctx.saved_tensors
+        x, lw, lb, t, weight, stats, grad_scale = ctx.saved_tensors
         with torch.no_grad():
             grads = _ops.call(_linear_ops.linear_cross_entropy_bwd, x, lw, lb, t, weight, stats,
                               dloss, grad_scale, spec.heads, spec.prob, spec.chunk, *spec.need,
                               *_options(spec))
         grads = tuple(g if n else None for g, n in zip(grads, spec.need))
         if second_order:
-            grads = no_second_order(_FN, _SECOND_ORDER_HINT, loss, None, *grads)
+            grads = no_second_order(_FN, _SECOND_ORDER_HINT, None, *grads)
         return (*grads, None, None)
 
 
@@ -368,7 +368,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         # rows 4-6 of the (7, D, N) stats: row n, head k -> the batch shape (+ out_features)
         stats = out[1]
         shape = batch + out_features
-        return loss, CrossEntropyStats(stats[4].t().reshape(shape), stats[5].t().reshape(shape),
+        ex = stats[4:6].clone()  # copied out of the stats saved for backward (see loss.py)
+        return loss, CrossEntropyStats(ex[0].t().reshape(shape), ex[1].t().reshape(shape),
                                        (stats[6] != 0).t().reshape(shape))
     return loss
 

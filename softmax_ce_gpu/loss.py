@@ -198,9 +198,9 @@ def _save(ctx, x, t, weight, opts, plan, fn, loss, stats, grad, dt, grad_scale):
     if plan.path == "fused":
         # with inplace_backward the op declared its write into x (its version is bumped):
         # any other saved use of the old logits fails loudly
-        ctx.save_for_backward(loss, x if plan.inplace else grad, dt)
+        ctx.save_for_backward(x if plan.inplace else grad, dt)
     else:
-        ctx.save_for_backward(loss, x, t, weight, stats, grad_scale)
+        ctx.save_for_backward(x, t, weight, stats, grad_scale)
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -235,15 +235,15 @@ def _backward(ctx, dloss):
     second_order = torch.is_grad_enabled()  # create_graph=True
     run = _ops.runner(dloss)
     if plan.path == "fused":
-        loss, dx, dt = take_fused_grad(ctx, ctx.fn)
+        dx, dt = take_fused_grad(ctx, ctx.fn)
         if second_order:  # the logits are gone: a gradient that cannot be differentiated
-            return no_second_order(ctx.fn, _SECOND_ORDER_HINT, loss, dloss, dx, dt)
+            return no_second_order(ctx.fn, _SECOND_ORDER_HINT, dloss, dx, dt)
         if dx is not None:
             run(_ops.scale_grad_, dx, dloss)
         if dt is not None:
             run(_ops.scale_grad_, dt, dloss)
         return dx, dt
-    loss, x, t, weight, stats, grad_scale = ctx.saved_tensors
+    x, t, weight, stats, grad_scale = ctx.saved_tensors
     o = ctx.opts
     if second_order:  # a gradient autograd can differentiate again
         return _differentiable_grad(x, t, weight, o, dloss, grad_scale, plan.need_x, plan.need_t)
@@ -299,7 +299,10 @@ class CrossEntropyStats(NamedTuple):
 
 
 def _stats(stats, shape):
-    return CrossEntropyStats(stats[4].reshape(shape), stats[5].reshape(shape),
+    # lse and entropy copied out: the stats may be saved for backward, which an in-place
+    # change of a view of them (st.lse.nan_to_num_()) would then make fail
+    ex = stats[4:6].clone()
+    return CrossEntropyStats(ex[0].reshape(shape), ex[1].reshape(shape),
                              (stats[6] != 0).reshape(shape))
 
 

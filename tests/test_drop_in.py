@@ -492,3 +492,65 @@ def test_torch_func_softmax(op):
     assert_close(torch.func.vmap(ours)(xs), torch.func.vmap(theirs)(xs.double()), torch.float32)
     assert_close(torch.func.vmap(torch.func.grad(ours))(xs),
                  torch.func.vmap(torch.func.grad(theirs))(xs.double()), torch.float32)
+
+
+# ----------------------------------------------------------------------------- returned tensors
+
+
+def _loss_calls():
+    """(name, f(x, w, t) -> loss) of every loss entry point, logits made from x @ w.T."""
+    return [
+        ("cross_entropy", lambda x, w, t, **kw: sc.cross_entropy(x @ w.T, t, **kw)),
+        ("CrossEntropyLoss", lambda x, w, t, **kw: sc.CrossEntropyLoss(**kw)(x @ w.T, t)),
+        ("linear_cross_entropy", lambda x, w, t, **kw: sc.linear_cross_entropy(x, w, t, **kw)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", [n for n, _ in _loss_calls()])
+def test_the_returned_loss_may_be_changed_in_place(path, dtype, reduction, name):
+    """loss /= steps (gradient accumulation) before backward, as torch allows: the loss was
+    saved for backward (as an anchor for create_graph), and backward then raised that it was
+    modified in place."""
+    fn = dict(_loss_calls())[name]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, generator=g, dtype=dtype).to(DEVICE)
+    w = torch.randn(9, 6, generator=g, dtype=dtype).to(DEVICE)
+    t = torch.randint(0, 9, (5,), generator=g).to(DEVICE)
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(xo, wo, t, reduction=reduction)
+    loss /= 4
+    loss.sum().backward()
+    x64, w64 = (a.detach().double().clone().requires_grad_() for a in (x, w))
+    ref = F.cross_entropy(F.linear(x64, w64), t, reduction=reduction)
+    ref /= 4
+    ref.sum().backward()
+    assert_close(loss, ref, dtype, roundings=2)  # the logits of x @ w.T round once more
+    assert_close(xo.grad, x64.grad, dtype, roundings=2)
+    assert_close(wo.grad, w64.grad, dtype, roundings=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+def test_returned_stats_may_be_changed_in_place(path, dtype, reduction, name):
+    """The stats of return_stats are the caller's: cleaning them in place (lse.nan_to_num_())
+    before backward left the saved per-row stats, of which they were views, at a newer
+    version, and backward raised."""
+    fn = dict(_loss_calls())[name]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 6, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
+    w = torch.randn(9, 6, generator=g, dtype=dtype).to(DEVICE)
+    t = torch.randint(0, 9, (5,), generator=g).to(DEVICE)
+    t[1] = -100
+    loss, st = fn(x, w, t, reduction=reduction, return_stats=True)
+    ref_loss = fn(x.detach().clone().requires_grad_(), w, t, reduction=reduction)
+    st.lse.nan_to_num_(0.0)
+    st.entropy.zero_()
+    assert st.lse[1] == 0.0
+    loss.sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    fn(xr, w, t, reduction=reduction).sum().backward()
+    assert torch.equal(x.grad, xr.grad)
+    assert torch.equal(loss.detach(), ref_loss.detach())
