@@ -40,7 +40,10 @@ def _number(fn, name, value, *, allow_none=False):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: argument '{name}' must be a real number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int (or Fraction) beyond any float
+        raise ValueError(f"{fn}: argument '{name}' must be finite, got {value!r}") from None
     # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is
     # a SymFloat, which math.isfinite cannot take (a NaN fails both comparisons)
     if not -math.inf < value < math.inf:

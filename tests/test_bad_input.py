@@ -47,6 +47,12 @@ BAD_CALLS = [
     ("softcap a string", dict(softcap="30"), TypeError, ["'softcap'", "'30'"]),
     ("z_loss NaN", dict(z_loss=float("nan")), ValueError, ["'z_loss'", "nan"]),
     ("z_loss infinite", dict(z_loss=float("inf")), ValueError, ["'z_loss'", "inf"]),
+    # an int beyond any float escaped as a bare OverflowError (adversarial pass 2)
+    ("z_loss an int beyond floats", dict(z_loss=10 ** 400), ValueError, ["'z_loss'", "finite"]),
+    ("softcap an int beyond floats", dict(softcap=10 ** 400), ValueError,
+     ["'softcap'", "finite"]),
+    ("label_smoothing an int beyond floats", dict(label_smoothing=-(10 ** 400)), ValueError,
+     ["'label_smoothing'", "finite"]),
     ("complex logits", dict(logits=torch.ones(4, 10, dtype=torch.complex64)), TypeError,
      ["'input'", "torch.complex64"]),
     ("weight not a tensor", dict(weight=[1.0] * 10), TypeError, ["'weight'", "list"]),
