@@ -349,7 +349,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     if not prob:  # their range is checked by the reduction's launch (_ops.loss_scale)
         target = _checks.as_class_ids(target, opts.ignore_index)
 
-    x = input.reshape(-1, H)
+    x = input.reshape(math.prod(batch), H)  # not -1: H may be 0
     N, D = x.shape[0], math.prod(out_features)
     # (N, V * D) probabilities, (N, D) class ids of K-dim heads, (N,) class ids of one head
     t = target.reshape(N, V * D) if prob else target.reshape((N, D) if D > 1 else (N,))

@@ -554,3 +554,25 @@ def test_returned_stats_may_be_changed_in_place(path, dtype, reduction, name):
     fn(xr, w, t, reduction=reduction).sum().backward()
     assert torch.equal(x.grad, xr.grad)
     assert torch.equal(loss.detach(), ref_loss.detach())
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0,), (2, 3, 0)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_without_features(path, shape, reduction):
+    """H = 0: the logits are the bias (0 without one), as torch's F.linear gives; the input's
+    reshape(-1, 0) raised instead (adversarial pass 2)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(*shape, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(8, 0, generator=g).to(DEVICE).requires_grad_()
+    b = torch.randn(8, generator=g).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 8, shape[:-1], generator=g).to(DEVICE)
+    loss = sc.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction)
+    loss.sum().backward()
+    x64, w64, b64 = (a.detach().double().requires_grad_() for a in (x, w, b))
+    z = F.linear(x64, w64, b64)
+    ref = F.cross_entropy(z.reshape(-1, 8), t.reshape(-1), reduction=reduction)
+    ref = ref.reshape(shape[:-1]) if reduction == "none" else ref
+    ref.sum().backward()
+    assert_close(loss, ref, torch.float32)
+    assert_close(b.grad, b64.grad, torch.float32)
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
