@@ -213,19 +213,19 @@ def _check_tensor(name, value, like=None):
                          f"{like.device}")
 
 
-def _check_chunk(chunk_size, options):
+def _check_chunk(chunk_size, options, fn=_FN):
     if options is not None:
         if not hasattr(options, "batch_chunk_size"):
-            raise TypeError(f"{_FN}: argument 'options' must be None or a "
+            raise TypeError(f"{fn}: argument 'options' must be None or a "
                             f"torch.nn.LinearCrossEntropyOptions, got {type(options).__name__}")
         if chunk_size is None:
             chunk_size = options.batch_chunk_size
     if chunk_size is None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"{_FN}: argument 'chunk_size' must be an int or None, got {chunk_size!r}")
+        raise TypeError(f"{fn}: argument 'chunk_size' must be an int or None, got {chunk_size!r}")
     if chunk_size < 1:
-        raise ValueError(f"{_FN}: argument 'chunk_size' must be >= 1, got {chunk_size}")
+        raise ValueError(f"{fn}: argument 'chunk_size' must be >= 1, got {chunk_size}")
     return chunk_size
 
 
@@ -392,11 +392,17 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         fn = "LinearCrossEntropyLoss"
         opts = _checks.check_options(fn, -100 if ignore_index is None else ignore_index,
                                      reduction, label_smoothing, z_loss, softcap)
-        if weight is not None and (not isinstance(weight, torch.Tensor)
-                                   or tuple(weight.shape) != (num_classes,)):
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{fn}: argument 'weight' must be a torch.Tensor or None, got "
+                            f"{type(weight).__name__}")
+        if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"{fn}: argument 'weight' must be a tensor of shape "
-                             f"({num_classes},), got {weight!r}")
-        _check_chunk(chunk_size, options)
+                             f"({num_classes},), got shape {tuple(weight.shape)}")
+        _check_chunk(chunk_size, options, fn)
+        if isinstance(out_features, int) or not all(
+                isinstance(d, int) and not isinstance(d, bool) for d in out_features):
+            raise TypeError(f"{fn}: argument 'out_features' must be a tuple of ints, got "
+                            f"{out_features!r}")
         self.num_classes = num_classes
         self.out_features = tuple(out_features)
         self.linear = torch.nn.Linear(in_features, math.prod(self.out_features) * num_classes,

@@ -576,3 +576,22 @@ def test_linear_cross_entropy_without_features(path, shape, reduction):
     assert_close(loss, ref, torch.float32)
     assert_close(b.grad, b64.grad, torch.float32)
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("kw,exc,words", [
+    (dict(weight=[1.0] * 6), TypeError, ["'weight'", "list"]),
+    (dict(weight=torch.ones(5)), ValueError, ["'weight'", "(6,)", "(5,)"]),
+    (dict(chunk_size=0), ValueError, ["'chunk_size'", "0"]),
+    (dict(chunk_size=2.5), TypeError, ["'chunk_size'", "2.5"]),
+    (dict(out_features=2), TypeError, ["'out_features'", "2"]),
+    (dict(out_features=(2, "3")), TypeError, ["'out_features'", "'3'"]),
+])
+def test_linear_module_constructor_names_itself_and_the_argument(kw, exc, words):
+    """LinearCrossEntropyLoss's own errors (adversarial pass 2: a list weight was a
+    ValueError, chunk_size named linear_cross_entropy, out_features=2 a bare TypeError)."""
+    with pytest.raises(exc) as info:
+        sc.LinearCrossEntropyLoss(5, 6, **kw)
+    msg = str(info.value)
+    assert msg.startswith("LinearCrossEntropyLoss:"), msg
+    for word in words:
+        assert word in msg, (word, msg)
