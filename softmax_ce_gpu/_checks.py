@@ -394,6 +394,6 @@ def check_cross_entropy(fn, logits, target, weight, ignore_index, reduction, lab
     prob = check_target(fn, logits, target, opts.ignore_index)
     weight = check_weight(fn, logits, weight, V)
     if not prob:
-        # the range of the ids is checked by the reduction's launch (_ops.loss_scale)
+        # the range of the ids is checked on the device with the reduction's scale (_ops._forward)
         target = as_class_ids(target, opts.ignore_index)
     return opts, V, prob, target, weight
