@@ -319,6 +319,10 @@ def _cross_entropy_fwd_kernel(
     [grad_scale, denominator, ok] from all N class ids itself (the same result in each:
     no launch of _loss_scale_kernel before this one), program 0 stores it at grad_scale_ptr.
     MEAN: the reduction is 'mean'. SCALE_BLOCK: ids read per step (a power of 2)."""
+    # fp32 arguments on the GPU; Triton's interpreter takes a subnormal one for an fp64
+    # constant (see _load_xz), whose arithmetic a bf16 store then loses
+    label_smoothing = tl.cast(label_smoothing, tl.float32)
+    z_loss = tl.cast(z_loss, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     t_row_ptr = target_ptr + row * stride_t_row
@@ -493,6 +497,10 @@ def _cross_entropy_bwd_kernel(
 ):
     """grad = dloss[row] * grad_scale * dl/dx for one row, from the saved max, log d and S;
     with TARGET_GRAD also the target's gradient (see _write_row_grad)."""
+    # fp32 arguments on the GPU; Triton's interpreter takes a subnormal one for an fp64
+    # constant (see _load_xz), whose arithmetic a bf16 store then loses
+    label_smoothing = tl.cast(label_smoothing, tl.float32)
+    z_loss = tl.cast(z_loss, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     z_c = 0.0

@@ -179,6 +179,10 @@ def _vocab_parallel_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """grad = dloss[row] * grad_scale * dl/dx on this shard's columns of one row."""
+    # fp32 arguments on the GPU; Triton's interpreter takes a subnormal one for an fp64
+    # constant (see _load_xz), whose arithmetic a bf16 store then loses
+    label_smoothing = tl.cast(label_smoothing, tl.float32)
+    z_loss = tl.cast(z_loss, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     valid, in_shard, c_loc = _shard_target(target_ptr, shard_ptr, row, stride_t, W, ignore_index)
