@@ -582,6 +582,8 @@ def _target_strides(target):
 # costs one dict lookup instead of a dozen small calls: softmax-ce-bench overhead). Not
 # while tuning.use_row_config overrides the table (bench/sweep.py), which they would hide.
 _META = {}
+_SCALE_META = {}  # the same for scale_grad's launches, per (V, element size)
+_ROW_OVERRIDES = tuning._row_overrides  # use_row_config's stack (one list, never rebound)
 
 # own_scale (the host asks for it for few rows, softmax_ce_gpu/_ops.py): each program of the
 # loss launch reads every class id (2 KB of int64 ids for 256 rows, from L2 after the first
@@ -598,7 +600,7 @@ def _launch_meta(kind, logits, target, weight, label_smoothing, z_loss, softcap,
            label_smoothing > 0.0, z_loss > 0.0, softcap is not None, target_grad, with_stats,
            fuse, own_scale)
     meta = _META.get(key)
-    if meta is None or tuning.row_config_overridden():
+    if meta is None or _ROW_OVERRIDES:  # (tuning.row_config_overridden(), without a call)
         flags = _flags(target, weight, label_smoothing, z_loss, softcap)
         heavy = any(flags.values()) or target_grad
         if kind == "fwd":
@@ -641,24 +643,27 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
     N, V = logits.shape
     if stats is None:  # one allocation for all the per-row outputs
         stats = logits.new_empty(7 if with_stats else 4, N, dtype=torch.float32)
+        stride_stats = N
+    else:
+        stride_stats = stats.stride(0)
     fuse = grad is not None
     if not fuse:
         grad = logits  # not written: FUSE_GRAD=False
     if grad_scale is None:
         grad_scale = stats  # not read
-    target_grad = dtarget is not None
-    if not target_grad:
-        dtarget = logits  # not written: TARGET_GRAD=False
     meta = _launch_meta("fwd", logits, target, weight, label_smoothing, z_loss, softcap,
-                        target_grad, with_stats, fuse, own_scale)
+                        dtarget is not None, with_stats, fuse, own_scale)
     stride_x_row, stride_x_col = logits.stride()
     stride_t_row, stride_t_col = _target_strides(target)
-    stride_g_row, stride_g_col = grad.stride()
-    stride_dt_row, stride_dt_col = dtarget.stride()
+    stride_g_row, stride_g_col = grad.stride() if fuse else (0, 0)
+    if dtarget is None:  # not written: TARGET_GRAD=False
+        dtarget, stride_dt_row, stride_dt_col = logits, 0, 0
+    else:
+        stride_dt_row, stride_dt_col = dtarget.stride()
     _cross_entropy_fwd_kernel[(N,)](
         logits, target, stats if weight is None else weight, stats, grad, grad_scale, dtarget,
         stride_x_row, stride_x_col, stride_t_row, stride_t_col,
-        stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stats.stride(0),
+        stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stride_stats,
         V, N,
         ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap), **meta,
     )
@@ -704,8 +709,13 @@ def scale_grad(grad, dloss):
     Preconditions: grad (N, V) fp32/bf16/fp16 with N >= 1, any strides; dloss () on its device.
     """
     N, V = grad.shape
-    block, num_warps = tuning.row_config(V, grad.element_size())
+    key = (V, grad.element_size())
+    meta = _SCALE_META.get(key)
+    if meta is None or _ROW_OVERRIDES:
+        block, num_warps = tuning.row_config(*key)
+        meta = dict(BLOCK_V=block, num_warps=num_warps)
+        if not _ROW_OVERRIDES:
+            _SCALE_META[key] = meta
     stride_row, stride_col = grad.stride()
-    _scale_grad_kernel[(N,)](grad, dloss, stride_row, stride_col, V,
-                             BLOCK_V=block, num_warps=num_warps)
+    _scale_grad_kernel[(N,)](grad, dloss, stride_row, stride_col, V, **meta)
     return grad
