@@ -31,10 +31,9 @@ def choice_key(t):
 
 def backend_for(fn, logits):
     """The module (kernels or reference) whose launchers run this call."""
-    key = choice_key(logits)
-    backend = _CHOSEN.get(key)
+    backend = _CHOSEN.get((logits.dtype, logits.is_cuda, logits.is_cpu))  # choice_key, inline
     if backend is None:
-        backend = _CHOSEN[key] = _choose(fn, logits)
+        backend = _CHOSEN[choice_key(logits)] = _choose(fn, logits)
     return backend
 
 

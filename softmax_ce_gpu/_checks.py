@@ -125,17 +125,19 @@ def check_logits(fn, logits, name="input", allow_empty=False):
     (allow_empty: a vocabulary shard may be empty)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, got {type(logits).__name__}")
-    check_dense(fn, name, logits)
+    if logits.layout != _STRIDED:
+        check_dense(fn, name, logits)
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(
             f"{fn}: argument '{name}' must be float16, bfloat16, float32 or float64, "
             f"got dtype {logits.dtype}")
-    if logits.dim() == 0:
+    shape = logits.shape
+    if not shape:
         raise ValueError(f"{fn}: argument '{name}' must have at least 1 dimension, got shape ()")
-    V = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
+    V = shape[1] if len(shape) >= 2 else shape[0]
     if V == 0 and not allow_empty:
         raise ValueError(
-            f"{fn}: argument '{name}' has an empty class dimension (shape {tuple(logits.shape)})")
+            f"{fn}: argument '{name}' has an empty class dimension (shape {tuple(shape)})")
     return V
 
 
@@ -146,42 +148,45 @@ def check_target(fn, logits, target, ignore_index):
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: argument 'target' must be a torch.Tensor, got {type(target).__name__}")
-    check_dense(fn, "target", target)
+    if target.layout != _STRIDED:
+        check_dense(fn, "target", target)
     if target.device != logits.device:
         raise ValueError(
             f"{fn}: argument 'target' is on {target.device} but 'input' is on {logits.device}")
-    if target.dtype not in _ID_DTYPES and target.is_floating_point():
-        if target.shape != logits.shape:
-            raise ValueError(
-                f"{fn}: probability 'target' must have the input's shape {tuple(logits.shape)}, "
-                f"got {tuple(target.shape)}")
-        if target.dtype not in _LOGIT_DTYPES:
-            raise TypeError(f"{fn}: probability 'target' must be float16, bfloat16, float32 or "
-                            f"float64, got dtype {target.dtype}")
-        if ignore_index >= 0:
-            # torch: a negative ignore_index (any) is accepted and means nothing here
-            raise ValueError(
-                f"{fn}: argument 'ignore_index' ({ignore_index}) does not apply to probability "
-                "targets (torch refuses a non-negative one too); leave it at -100")
-        return True
-    if target.dtype not in _ID_DTYPES:  # bool, complex
+    dtype = target.dtype
+    if dtype in _ID_DTYPES:  # class ids, the common case
+        shape, t_shape = logits.shape, target.shape
+        # (N, V) logits with (N,) ids is decided without building shapes
+        if not (len(shape) == 2 and len(t_shape) == 1 and t_shape[0] == shape[0]):
+            expected = (shape[0],) + tuple(shape[2:]) if len(shape) >= 2 else ()
+            if tuple(t_shape) != expected:
+                raise ValueError(
+                    f"{fn}: class-id 'target' must have shape {expected} for input of shape "
+                    f"{tuple(shape)}, got {tuple(t_shape)}")
+        if dtype == torch.uint64 and target.device.type == "cpu" and target.numel():
+            huge = target.long() < 0  # 2**63 and above: outside any [0, V), named here by value
+            if bool(huge.any()):
+                V = shape[1] if len(shape) >= 2 else shape[0]
+                raise ValueError(f"{fn}: class id {target[huge].flatten()[0].item()} in "
+                                 f"'target' is outside [0, {V})")
+        return False
+    if not target.is_floating_point():  # bool, complex
         raise TypeError(
             f"{fn}: argument 'target' must hold integer class ids or float probabilities, "
-            f"got dtype {target.dtype}")
-    # (N, V) logits with (N,) ids, the common case, is decided without building shapes
-    if not (logits.dim() == 2 and target.dim() == 1 and target.shape[0] == logits.shape[0]):
-        expected = (logits.shape[0],) + tuple(logits.shape[2:]) if logits.dim() >= 2 else ()
-        if tuple(target.shape) != expected:
-            raise ValueError(
-                f"{fn}: class-id 'target' must have shape {expected} for input of shape "
-                f"{tuple(logits.shape)}, got {tuple(target.shape)}")
-    if target.dtype == torch.uint64 and target.device.type == "cpu" and target.numel():
-        huge = target.long() < 0  # 2**63 and above: outside any [0, V), named here by value
-        if bool(huge.any()):
-            V = logits.shape[1] if logits.dim() >= 2 else logits.shape[0]
-            raise ValueError(f"{fn}: class id {target[huge].flatten()[0].item()} in 'target' is "
-                             f"outside [0, {V})")
-    return False
+            f"got dtype {dtype}")
+    if target.shape != logits.shape:
+        raise ValueError(
+            f"{fn}: probability 'target' must have the input's shape {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}")
+    if dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{fn}: probability 'target' must be float16, bfloat16, float32 or "
+                        f"float64, got dtype {dtype}")
+    if ignore_index >= 0:
+        # torch: a negative ignore_index (any) is accepted and means nothing here
+        raise ValueError(
+            f"{fn}: argument 'ignore_index' ({ignore_index}) does not apply to probability "
+            "targets (torch refuses a non-negative one too); leave it at -100")
+    return True
 
 
 def check_weight(fn, logits, weight, V):

@@ -10,16 +10,19 @@ call (softmax-ce-bench overhead measures it).
 
 import torch
 
-_functorch = torch._C._functorch
+# bound once: each attribute lookup of a dotted name costs host time on every call
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling  # the function torch.compile folds to True
+_transforms_active = torch._C._are_functorch_transforms_active
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
 def eager(t):
     """Whether a call on tensor t is plain eager: no tracing or compiling, no torch.func
     transform, no dispatch mode, and t a plain tensor (not fake, functional or wrapped)."""
-    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
-            and _dispatch_stack_len() == 0 and not _functorch.is_functorch_wrapped_tensor(t))
+    return (type(t) is _Tensor and not _is_compiling() and not _transforms_active()
+            and _dispatch_stack_len() == 0 and not _is_wrapped(t))
 
 
 def apply(function, *args):

@@ -33,6 +33,9 @@ _NS = "softmax_ce_gpu"
 # int64 ids at 256 rows, from L2); more rows take loss_scale's launch of one program
 _OWN_SCALE_ROWS = 256
 _EAGER = {}  # custom op -> (its implementation, positions of the arguments it mutates)
+_CONTIGUOUS = torch.contiguous_format
+_ACC = {dt: acc_dtype(torch.empty(0, dtype=dt))  # acc_dtype of each logits dtype, looked up
+        for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _custom_op(name, impl, mutates_args, eager_impl=None):
@@ -79,7 +82,7 @@ def _check_ids(scale, fn, target, V, ignore_index):
     """The class-id range check of loss_scale's ok flag: a ValueError on CPU, where the
     value is already on the host; a device-side assert elsewhere (no host sync)."""
     if scale.is_cpu:
-        if not scale.numpy()[2]:
+        if not scale.tolist()[2]:  # (tolist: the cheapest read of a CPU tensor's values)
             _checks.raise_class_range(fn, target, V, ignore_index)
     else:
         torch._assert_async(scale[2], _checks.class_range_message(fn, V, ignore_index))
@@ -107,7 +110,7 @@ def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z
     # and the ids are checked after it (a bad id is clamped there: it reads no stray memory)
     own = fresh and 0 < N <= _OWN_SCALE_ROWS
     if own:
-        scale = logits.new_empty(3, dtype=acc_dtype(logits))
+        scale = logits.new_empty(3, dtype=_ACC[logits.dtype])
     else:
         scale = backend.loss_scale(target, weight, ignore_index=ignore_index, mean=mean,
                                    prob=prob, V=V, acc=acc_dtype(logits))
@@ -134,7 +137,7 @@ def _new_like(t, dtype=None):
 
     empty_like: half the host time of torch.empty(t.shape, dtype=..., device=...), whose
     shape, dtype and device arguments are parsed and a torch.device built on every call."""
-    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+    return torch.empty_like(t, dtype=dtype, memory_format=_CONTIGUOUS)
 
 
 def _maybe_like(t, wanted):
@@ -142,17 +145,34 @@ def _maybe_like(t, wanted):
     return _new_like(t) if wanted else t.new_empty(0)
 
 
+def forward_eager(logits, target, weight, opts, loss_dtype, with_stats, fn, grad_into,
+                  with_target_grad):
+    """(loss, stats, scale, grad, dtarget) of the forward in plain eager mode (_dispatch.eager),
+    what run_eager of cross_entropy_forward or cross_entropy_forward_inplace returns, with
+    one call layer less (the host time of a small call is its layers: softmax-ce-bench
+    overhead). opts: a LossOptions; grad_into: None (no gradient of the logits), "new" (a
+    new tensor) or "logits" (overwritten, their version counter bumped as the op's
+    declared mutation would)."""
+    if grad_into == "new":
+        grad = torch.empty_like(logits, memory_format=_CONTIGUOUS)  # _new_like, inline
+    else:
+        grad = logits if grad_into == "logits" else None
+    dtarget = _new_like(target) if with_target_grad else None
+    loss, stats, scale = _forward(logits, target, weight, *opts, loss_dtype, with_stats, fn, grad,
+                                  dtarget, fresh=grad is not logits)
+    if grad is logits:
+        torch.autograd.graph.increment_version(logits)
+    return loss, stats, scale, grad, dtarget
+
+
 def _cross_entropy_forward_eager(logits, target, weight, ignore_index, reduction,
                                  label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
                                  with_grad, with_target_grad):
     """(loss, stats, scale, grad, dtarget) of _forward, with the fused gradient times
     grad_scale and the probability target's (None when not asked for)."""
-    grad = _maybe_like(logits, True) if with_grad else None
-    dtarget = _maybe_like(target, True) if with_target_grad else None
-    loss, stats, scale = _forward(logits, target, weight, ignore_index, reduction,
-                                  label_smoothing, z_loss, softcap, loss_dtype, with_stats, fn,
-                                  grad, dtarget)
-    return loss, stats, scale, grad, dtarget
+    return forward_eager(logits, target, weight,
+                         (ignore_index, reduction, label_smoothing, z_loss, softcap), loss_dtype,
+                         with_stats, fn, "new" if with_grad else None, with_target_grad)
 
 
 def _cross_entropy_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor],
@@ -300,6 +320,24 @@ def _scale_grad_(grad: Tensor, dloss: Tensor) -> None:
 
 
 scale_grad_ = _custom_op("scale_grad_", _scale_grad_, ("grad",))
+
+
+def scale_grads_(dloss, dx, dt, dx_is_input):
+    """scale_grad_(g, dloss) for each of the fused gradients dx and dt that is not None: in
+    plain eager mode by its implementation directly, where the version of dx is bumped only
+    when dx_is_input (the logits, overwritten by inplace_backward): a new gradient is not yet
+    seen by anyone but autograd."""
+    if not _dispatch.eager(dloss):
+        for g in (dx, dt):
+            if g is not None:
+                scale_grad_(g, dloss)
+        return
+    if dx is not None:
+        _scale_grad_(dx, dloss)
+        if dx_is_input:
+            torch.autograd.graph.increment_version(dx)
+    if dt is not None:
+        _scale_grad_(dt, dloss)
 
 
 @scale_grad_.register_fake

@@ -24,7 +24,7 @@ gradient through a node whose own backward raises (first-order uses such as
 torch.func.grad still work).
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -78,12 +78,16 @@ def _forward(x, t, weight, opts, grad_into, loss_dtype, fn, with_stats=False, ta
     grad_into: None (no gradient of the logits), "new" (a new tensor), "logits" (overwrite
     x), or a tensor to write the gradient into. One op (_ops.cross_entropy_forward*), whose
     launches are the reduction's scale (which also checks the class ids), the loss kernel
-    and the reduced loss's sum (not for 'none'). run: _ops.runner(x) unless given.
+    and the reduced loss's sum (not for 'none'); in plain eager mode its implementation
+    (_ops.forward_eager). run: _ops.runner(x) unless given.
     """
     run = run or _ops.runner(x)
-    args = (x, t, weight, opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss,
-            opts.softcap, loss_dtype, with_stats, fn)
-    grad = dtarget = None
+    if run is _ops.run_eager and not isinstance(grad_into, torch.Tensor):
+        loss, stats, scale, grad, dtarget = _ops.forward_eager(
+            x, t, weight, opts, loss_dtype, with_stats, fn, grad_into, target_grad)
+        return loss, stats, scale, grad, dtarget
+    args = (x, t, weight, *opts, loss_dtype, with_stats, fn)
+    dtarget = None
     if grad_into is None or grad_into == "new":
         loss, stats, scale, grad, dtarget = run(_ops.cross_entropy_forward, *args,
                                                 grad_into == "new", target_grad)
@@ -120,9 +124,12 @@ class _Plan(NamedTuple):
     inplace: bool    # the logits' gradient overwrites them
     need_x: bool     # the logits' gradient
     need_t: bool     # the probability target's gradient
+    grad_into: Optional[str]  # where forward writes the logits' gradient: None (not in
+                              # forward), "new" or "logits" (the fused path)
+    fused_t: bool    # forward writes the probability target's gradient (the fused path)
 
 
-_PLANS = {}  # the few distinct _Plans, made once
+_PLANS = {}  # (reduction, dtype, inplace_backward, need_x, need_t) -> its _Plan, made once
 
 
 def _grad_plan(x, t, prob, opts, inplace_backward):
@@ -132,11 +139,14 @@ def _grad_plan(x, t, prob, opts, inplace_backward):
     need_x, need_t = x.requires_grad, prob and t.requires_grad
     if not (need_x or need_t):
         return None
-    path = "late" if opts.reduction == "none" or _late_scale(x) else "fused"
-    key = (path, inplace_backward and need_x, need_x, need_t)
+    key = (opts.reduction, x.dtype, inplace_backward, need_x, need_t)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(*key)
+        path = "late" if opts.reduction == "none" or _late_scale(x) else "fused"
+        inplace = inplace_backward and need_x
+        fused = path == "fused"
+        grad_into = ("logits" if inplace else "new") if fused and need_x else None
+        plan = _PLANS[key] = _Plan(path, inplace, need_x, need_t, grad_into, fused and need_t)
     return plan
 
 
@@ -178,19 +188,16 @@ def _differentiable_grad(x, t, weight, opts, dloss, grad_scale, need_x, need_t):
     return dx, dt
 
 
-def _function_forward(x, t, weight, opts, plan, with_stats, fn, loss_dtype, run=None):
-    """The outputs of _CrossEntropyFunction's forward (see there); run as in _forward."""
-    fused = plan is not None and plan.path == "fused"
-    grad_into = None
-    if fused and plan.need_x:
-        grad_into = "logits" if plan.inplace else "new"
+def _function_forward(x, t, weight, opts, plan, with_stats, fn, loss_dtype):
+    """The outputs of _CrossEntropyFunction's forward (see there)."""
+    grad_into, fused_t = (None, False) if plan is None else (plan.grad_into, plan.fused_t)
     loss, stats, scale, grad, dt = _forward(x, t, weight, opts, grad_into, loss_dtype, fn,
-                                            with_stats, fused and plan.need_t, run)
+                                            with_stats, fused_t)
     late = plan is not None and plan.path == "late"
     return loss, stats, grad if grad_into == "new" else None, dt, scale if late else None
 
 
-def _save(ctx, x, t, weight, opts, plan, fn, loss, stats, grad, dt, grad_scale):
+def _save(ctx, x, t, weight, opts, plan, fn, stats, grad, dt, grad_scale):
     """What backward needs, on ctx (both Functions below)."""
     ctx.opts, ctx.plan, ctx.fn, ctx.consumed = opts, plan, fn, False
     if plan is None:
@@ -220,7 +227,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         # the extra outputs get no gradient: never materialise an N x V zeros tensor for them
         ctx.set_materialize_grads(False)
         x, t, weight, opts, _, plan, _, fn, _ = inputs
-        _save(ctx, x, t, weight, opts, plan, fn, loss, stats, grad, dt, grad_scale)
+        _save(ctx, x, t, weight, opts, plan, fn, stats, grad, dt, grad_scale)
 
     @staticmethod
     def backward(ctx, dloss, *_):
@@ -233,16 +240,13 @@ def _backward(ctx, dloss):
     if dloss is None:  # no gradient reached the loss (grads are not materialised)
         return None, None
     second_order = torch.is_grad_enabled()  # create_graph=True
-    run = _ops.runner(dloss)
     if plan.path == "fused":
         dx, dt = take_fused_grad(ctx, ctx.fn)
         if second_order:  # the logits are gone: a gradient that cannot be differentiated
             return no_second_order(ctx.fn, _SECOND_ORDER_HINT, dloss, dx, dt)
-        if dx is not None:
-            run(_ops.scale_grad_, dx, dloss)
-        if dt is not None:
-            run(_ops.scale_grad_, dt, dloss)
+        _ops.scale_grads_(dloss, dx, dt, plan.inplace)
         return dx, dt
+    run = _ops.runner(dloss)
     x, t, weight, stats, grad_scale = ctx.saved_tensors
     o = ctx.opts
     if second_order:  # a gradient autograd can differentiate again
@@ -261,17 +265,19 @@ class _EagerCrossEntropyFunction(torch.autograd.Function):
     """_CrossEntropyFunction for plain eager mode (_dispatch.eager): the same forward and
     backward, with the loss as its only output and the non-tensor arguments in one tuple
     (call: opts, plan, with_stats, fn, loss_dtype); the per-row stats reach the caller
-    through ``box`` (a list). Each further input or output of a Function costs autograd
-    microseconds per call, against a few tens for a whole small call (softmax-ce-bench
-    overhead)."""
+    through ``box`` (a list; None when they are not asked for). Each further input or
+    output of a Function costs autograd microseconds per call, against a few tens for a
+    whole small call (softmax-ce-bench overhead)."""
 
     @staticmethod
     def forward(ctx, x, t, weight, call, box):
         opts, plan, with_stats, fn, loss_dtype = call
-        loss, stats, grad, dt, grad_scale = _function_forward(
-            x, t, weight, opts, plan, with_stats, fn, loss_dtype, _ops.run_eager)
-        _save(ctx, x, t, weight, opts, plan, fn, loss, stats, grad, dt, grad_scale)
-        box.append(stats)
+        grad_into, fused_t = (None, False) if plan is None else (plan.grad_into, plan.fused_t)
+        loss, stats, scale, grad, dt = _ops.forward_eager(x, t, weight, opts, loss_dtype,
+                                                          with_stats, fn, grad_into, fused_t)
+        _save(ctx, x, t, weight, opts, plan, fn, stats, grad, dt, scale)
+        if box is not None:
+            box.append(stats)
         return loss
 
     @staticmethod
@@ -350,21 +356,23 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     logit -inf (vocabulary padding) contributes 0 to the loss, where torch gives NaN.
     """
     fn = "cross_entropy"
-    reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    if size_average is not None or reduce is not None:
+        reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     given_weight = weight
     opts, _, prob, target, weight = _checks.check_cross_entropy(
         fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    _checks.check_bool(fn, "inplace_backward", inplace_backward)
-    _checks.check_bool(fn, "return_stats", return_stats)
-    x, t = _flatten(input, target, prob)
+    if inplace_backward is not False or return_stats is not False:  # (False: the defaults)
+        _checks.check_bool(fn, "inplace_backward", inplace_backward)
+        _checks.check_bool(fn, "return_stats", return_stats)
+    x, t = (input, target) if input.dim() == 2 else _flatten(input, target, prob)
     plan = _grad_plan(input, target, prob, opts, inplace_backward)
     if plan is not None and plan.inplace:
         _checks.check_inplace(fn, x, (("target", t), ("weight", given_weight)))
     loss_dtype = _autocast.loss_dtype(input)
     if _dispatch.eager(x):
-        box = []
+        box = [] if return_stats else None
         loss = _EAGER_APPLY(x, t, weight, (opts, plan, return_stats, fn, loss_dtype), box)
-        stats = box[0]
+        stats = box[0] if return_stats else None
     else:
         loss, stats = _CrossEntropyFunction.apply(x, t, weight, opts, prob, plan, return_stats,
                                                   fn, loss_dtype)[:2]

@@ -106,13 +106,13 @@ def test_no_gradient_mode_computes_no_gradient_and_writes_nothing(path, ctx, red
 def test_no_grad_launches_no_gradient_kernel(monkeypatch):
     """Under no_grad the forward is called without a gradient buffer (the cheaper kernel)."""
     seen = []
-    real = sc.loss._forward
+    real = sc._ops.forward_eager  # what every eager forward runs (the test is eager)
 
-    def spy(x, t, weight, opts, grad_into, *rest):
+    def spy(x, t, weight, opts, loss_dtype, with_stats, fn, grad_into, *rest):
         seen.append(grad_into)
-        return real(x, t, weight, opts, grad_into, *rest)
+        return real(x, t, weight, opts, loss_dtype, with_stats, fn, grad_into, *rest)
 
-    monkeypatch.setattr(sc.loss, "_forward", spy)
+    monkeypatch.setattr(sc._ops, "forward_eager", spy)
     x, t = _case()
     with torch.no_grad():
         sc.cross_entropy(x.requires_grad_(), t)
