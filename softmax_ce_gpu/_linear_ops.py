@@ -288,3 +288,10 @@ scale_flat_ = _ops._custom_op("scale_flat_", _scale_flat_, ("grad",))
 @scale_flat_.register_fake
 def _(grad, dloss):
     return None
+
+
+# torch.func.vmap over linear_cross_entropy (per-sample gradients) reaches these ops with
+# batched tensors: each loops over the batch (_ops._loop_rule), as the cross-entropy ops do
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; older torch: no vmap support
+    for _op in (linear_cross_entropy_fwd, linear_cross_entropy_bwd, scale_flat_):
+        torch.library.register_vmap(_op, _ops._loop_rule(_op))

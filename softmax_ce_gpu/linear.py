@@ -111,6 +111,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     The chunk loops are the custom ops of _linear_ops.py (one call in forward, one in the
     late backward), so torch.compile traces this Function around opaque calls."""
 
+    generate_vmap_rule = True  # its ops have vmap rules (_linear_ops.py, _ops.py)
+
     @staticmethod
     def forward(x, lw, lb, t, weight, spec):
         opts = spec.opts

@@ -532,3 +532,41 @@ def test_torch_opinfo_samples(dtype, variants, k_dim):
             counts["run"] += 1
     print(f"\nOpInfo {dtype} {variants}: {counts}")
     assert counts["run"] > 0 and counts["skipped"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_of_grad_per_sample(dtype, reduction):
+    """torch.func.vmap(torch.func.grad(...)) over a batch of inputs and targets: per-sample
+    gradients of the input and of the (shared) linear weight, as torch's F.linear_cross_entropy
+    allows. The fused path (fp32 'mean'/'sum'), the late path (fp16, 'none') and fp64."""
+    x, lw, lb, t, w = make_case(5, 8, 30, dtype, bias=True, weight=True)
+    xs = torch.stack([x.detach(), x.detach().flip(0), x.detach() * 0.5])
+    ts = torch.stack([t, t.flip(0), (t + 1) % 30])
+    ts[1, 2] = -100
+    lw, lb = lw.detach(), lb.detach()
+
+    def ours(xx, ww, tt):
+        return linear_cross_entropy(xx, ww, tt, linear_bias=lb, weight=w,
+                                    reduction=reduction).sum()
+
+    def torchs(acc):  # F.linear in the operands' dtype, the loss in acc
+        def f(xx, ww, tt):
+            z = F.linear(xx, ww, lb.to(xx.dtype)).to(acc)
+            return F.cross_entropy(z, tt, weight=w.to(acc), reduction=reduction).sum()
+        return f
+
+    def per_sample(f, *args):
+        return torch.func.vmap(torch.func.grad(f, argnums=(0, 1)), in_dims=(0, None, 0))(*args)
+
+    got = per_sample(ours, xs, lw, ts)
+    ref = per_sample(torchs(torch.float64), xs.double(), lw.double(), ts)
+    # fp16: the logits are rounded to fp16 first (as F.linear rounds them): the bound is what
+    # torch achieves from the same fp16 operands, plus one rounding
+    own = per_sample(torchs(torch.float32), xs, lw, ts) if dtype == torch.float16 else None
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g.dtype == dtype and g.shape == r.shape
+        if own is None:
+            assert_close(g, r, dtype)
+        else:
+            assert rel_err(g, r) <= rel_err(own[i], r) + TOL[dtype]
