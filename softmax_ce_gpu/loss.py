@@ -304,10 +304,11 @@ class CrossEntropyStats(NamedTuple):
     correct: torch.Tensor
 
 
-def _stats(stats, shape):
-    # lse and entropy copied out: the stats may be saved for backward, which an in-place
-    # change of a view of them (st.lse.nan_to_num_()) would then make fail
-    ex = stats[4:6].clone()
+def _stats(stats, shape, saved=False):
+    # lse and entropy copied out when the stats are saved for backward (saved: the late
+    # path), which an in-place change of a view of them (st.lse.nan_to_num_()) would then
+    # make fail; otherwise views of the stats, which nothing else reads
+    ex = stats[4:6].clone() if saved else stats[4:6]
     return CrossEntropyStats(ex[0].reshape(shape), ex[1].reshape(shape),
                              (stats[6] != 0).reshape(shape))
 
@@ -378,7 +379,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                                   fn, loss_dtype)[:2]
     if opts.reduction == "none":
         loss = loss.reshape(_batch_shape(input))
-    return (loss, _stats(stats, _batch_shape(input))) if return_stats else loss
+    if not return_stats:
+        return loss
+    return loss, _stats(stats, _batch_shape(input), plan is not None and plan.path == "late")
 
 
 def cross_entropy_with_grad(input, target, weight=None, size_average=None, ignore_index=-100,
