@@ -268,6 +268,22 @@ def _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, l
             softcap=softcap, dtarget=dtarget)
 
 
+def backward_eager(logits, target, weight, stats, dloss, grad_scale, ignore_index,
+                   label_smoothing, z_loss, softcap, inplace, with_grad, with_target_grad):
+    """(grad, dtarget) of the late backward in plain eager mode (_dispatch.eager), what
+    run_eager of cross_entropy_bwd or cross_entropy_bwd_inplace makes, without the op
+    layer and with None (no allocation) for a gradient not asked for. inplace: the logits
+    are overwritten by their gradient (their version counter bumped, as the op's declared
+    mutation would)."""
+    grad = logits if inplace else (_new_like(logits) if with_grad else None)
+    dtarget = _new_like(target) if with_target_grad else None
+    _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, label_smoothing,
+         z_loss, softcap, dtarget)
+    if inplace:
+        torch.autograd.graph.increment_version(logits)
+    return grad, dtarget
+
+
 def _cross_entropy_bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                        dloss: Tensor, grad_scale: Tensor, ignore_index: int,
                        label_smoothing: float, z_loss: float, softcap: Optional[float],

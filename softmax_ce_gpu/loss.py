@@ -253,7 +253,9 @@ def _backward(ctx, dloss):
         return _differentiable_grad(x, t, weight, o, dloss, grad_scale, plan.need_x, plan.need_t)
     args = (x, t, weight, stats, dloss, grad_scale, o.ignore_index, o.label_smoothing,
             o.z_loss, o.softcap)
-    if plan.inplace:
+    if run is _ops.run_eager:  # the op's implementation, without its layer
+        dx, dt = _ops.backward_eager(*args, plan.inplace, plan.need_x, plan.need_t)
+    elif plan.inplace:
         dt = run(_ops.cross_entropy_bwd_inplace, *args, plan.need_t)
         dx = x
     else:
