@@ -290,11 +290,11 @@ def _cross_entropy_bwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                        with_grad: bool, with_target_grad: bool) -> tuple[Tensor, Tensor]:
     """(grad, dtarget): dloss * grad_scale times the gradient of the logits and of the
     probability target, from the forward's per-row stats (empty tensors when not asked)."""
-    grad = _maybe_like(logits, with_grad)
-    dtarget = _maybe_like(target, with_target_grad)
-    _bwd(logits, target, weight, stats, dloss, grad_scale, grad if with_grad else None,
-         ignore_index, label_smoothing, z_loss, softcap, dtarget if with_target_grad else None)
-    return grad, dtarget
+    grad, dtarget = backward_eager(logits, target, weight, stats, dloss, grad_scale,
+                                   ignore_index, label_smoothing, z_loss, softcap, False,
+                                   with_grad, with_target_grad)
+    return (_maybe_like(logits, False) if grad is None else grad,
+            _maybe_like(target, False) if dtarget is None else dtarget)
 
 
 cross_entropy_bwd = _custom_op("cross_entropy_bwd", _cross_entropy_bwd, ())
