@@ -66,6 +66,14 @@ _NO_COLUMN = tl.constexpr(2 ** 31 - 1)  # an argmax sentinel above every column
 
 
 @triton.jit
+def _fp32_options(label_smoothing, z_loss):
+    """The runtime scalars label_smoothing and z_loss as fp32, at a kernel's entry: they are
+    fp32 arguments on the GPU (a no-op there), but Triton's interpreter takes a subnormal
+    one for an fp64 constant (see _load_xz), whose arithmetic a bf16 store then loses."""
+    return tl.cast(label_smoothing, tl.float32), tl.cast(z_loss, tl.float32)
+
+
+@triton.jit
 def _load_z(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP: tl.constexpr):
     """(z, dz/dx) of a chunk of one row (see _load_xz)."""
     _, z, dz = _load_xz(row_ptr, cols, mask, stride_col, inv_softcap, HAS_SOFTCAP)
@@ -319,10 +327,7 @@ def _cross_entropy_fwd_kernel(
     [grad_scale, denominator, ok] from all N class ids itself (the same result in each:
     no launch of _loss_scale_kernel before this one), program 0 stores it at grad_scale_ptr.
     MEAN: the reduction is 'mean'. SCALE_BLOCK: ids read per step (a power of 2)."""
-    # fp32 arguments on the GPU; Triton's interpreter takes a subnormal one for an fp64
-    # constant (see _load_xz), whose arithmetic a bf16 store then loses
-    label_smoothing = tl.cast(label_smoothing, tl.float32)
-    z_loss = tl.cast(z_loss, tl.float32)
+    label_smoothing, z_loss = _fp32_options(label_smoothing, z_loss)
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     t_row_ptr = target_ptr + row * stride_t_row
@@ -497,10 +502,7 @@ def _cross_entropy_bwd_kernel(
 ):
     """grad = dloss[row] * grad_scale * dl/dx for one row, from the saved max, log d and S;
     with TARGET_GRAD also the target's gradient (see _write_row_grad)."""
-    # fp32 arguments on the GPU; Triton's interpreter takes a subnormal one for an fp64
-    # constant (see _load_xz), whose arithmetic a bf16 store then loses
-    label_smoothing = tl.cast(label_smoothing, tl.float32)
-    z_loss = tl.cast(z_loss, tl.float32)
+    label_smoothing, z_loss = _fp32_options(label_smoothing, z_loss)
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     z_c = 0.0

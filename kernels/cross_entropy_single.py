@@ -91,6 +91,7 @@ from .cross_entropy import (
     _LOG2E,
     _dense_target,
     _flags,
+    _fp32_options,
     _load_z,
     _log1p,
     _row_target,
@@ -250,10 +251,7 @@ def _cross_entropy_single_kernel(
 ):
     """Per-row loss, max, log d and S, and the row's gradient times *grad_scale, each
     logit read once (see the module doc for the exchange and why it cannot deadlock)."""
-    # fp32 arguments on the GPU; Triton's interpreter takes a subnormal one for an fp64
-    # constant (see _load_xz), whose arithmetic a bf16 store then loses
-    label_smoothing = tl.cast(label_smoothing, tl.float32)
-    z_loss = tl.cast(z_loss, tl.float32)
+    label_smoothing, z_loss = _fp32_options(label_smoothing, z_loss)
     DENSE: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
     # a dense target is held across the wait only for probability targets (a row of t in
     # HBM); with class ids it is (e / V) w_j, reloaded afterwards from the class weights

@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _NO_COLUMN, _load_xz, _load_z, _write_row_grad, softcap_scalar
+from .cross_entropy import (_NO_COLUMN, _fp32_options, _load_xz, _load_z, _write_row_grad,
+                            softcap_scalar)
 from .tuning import row_config
 
 # rows of the forward's (4, N) output, and with STATS of its (6, N) output
@@ -179,10 +180,7 @@ def _vocab_parallel_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """grad = dloss[row] * grad_scale * dl/dx on this shard's columns of one row."""
-    # fp32 arguments on the GPU; Triton's interpreter takes a subnormal one for an fp64
-    # constant (see _load_xz), whose arithmetic a bf16 store then loses
-    label_smoothing = tl.cast(label_smoothing, tl.float32)
-    z_loss = tl.cast(z_loss, tl.float32)
+    label_smoothing, z_loss = _fp32_options(label_smoothing, z_loss)
     row = tl.program_id(0).to(tl.int64)
     x_row_ptr = logits_ptr + row * stride_x_row
     valid, in_shard, c_loc = _shard_target(target_ptr, shard_ptr, row, stride_t, W, ignore_index)
