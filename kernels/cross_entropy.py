@@ -615,7 +615,7 @@ def _launch_meta(kind, logits, target, weight, label_smoothing, z_loss, softcap,
             block, num_warps = tuning.row_config(V, element_size, heavy)
             meta = dict(BLOCK_V=block, num_warps=num_warps, WRITE_X=fuse,
                         TARGET_GRAD=target_grad, **flags)
-        if not tuning.row_config_overridden():
+        if not _ROW_OVERRIDES:
             _META[key] = meta
     return meta
 

@@ -11,9 +11,9 @@ Before the loss kernel, one program reads the class ids (and their weights) once
 
 so that neither the mean's denominator nor the range check costs a host sync or a row of
 small torch operations. For few rows (up to 256, softmax_ce_gpu/_ops.py) the loss launch
-runs the same code (reduction_scale) in each of its programs instead of this launch. After it, one program sums the per-row losses in a fixed order
-(deterministic) and divides by the denominator for 'mean', storing the result in the
-loss dtype.
+runs the same code (reduction_scale) in each of its programs instead of this launch.
+After it, one program sums the per-row losses in a fixed order (deterministic) and
+divides by the denominator for 'mean', storing the result in the loss dtype.
 
 Bytes: the first reads N ids (+ N weights from L2) and writes 12; the second reads 4 N
 and writes one scalar. One program each: N is at most a few hundred thousand rows,

@@ -109,11 +109,12 @@ def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z
     # few rows, and nothing of the caller's to write: the loss launch makes the scale itself
     # and the ids are checked after it (a bad id is clamped there: it reads no stray memory)
     own = fresh and 0 < N <= _OWN_SCALE_ROWS
+    acc = _ACC[logits.dtype]
     if own:
-        scale = logits.new_empty(3, dtype=_ACC[logits.dtype])
+        scale = logits.new_empty(3, dtype=acc)
     else:
         scale = backend.loss_scale(target, weight, ignore_index=ignore_index, mean=mean,
-                                   prob=prob, V=V, acc=acc_dtype(logits))
+                                   prob=prob, V=V, acc=acc)
         if not prob:
             _check_ids(scale, fn, target, V, ignore_index)
     if N:
@@ -154,7 +155,7 @@ def forward_eager(logits, target, weight, opts, loss_dtype, with_stats, fn, grad
     new tensor) or "logits" (overwritten, their version counter bumped as the op's
     declared mutation would)."""
     if grad_into == "new":
-        grad = torch.empty_like(logits, memory_format=_CONTIGUOUS)  # _new_like, inline
+        grad = _new_like(logits)
     else:
         grad = logits if grad_into == "logits" else None
     dtarget = _new_like(target) if with_target_grad else None
@@ -343,17 +344,12 @@ def scale_grads_(dloss, dx, dt, dx_is_input):
     plain eager mode by its implementation directly, where the version of dx is bumped only
     when dx_is_input (the logits, overwritten by inplace_backward): a new gradient is not yet
     seen by anyone but autograd."""
-    if not _dispatch.eager(dloss):
-        for g in (dx, dt):
-            if g is not None:
-                scale_grad_(g, dloss)
-        return
-    if dx is not None:
-        _scale_grad_(dx, dloss)
-        if dx_is_input:
-            torch.autograd.graph.increment_version(dx)
-    if dt is not None:
-        _scale_grad_(dt, dloss)
+    eager = _dispatch.eager(dloss)
+    for g in (dx, dt):
+        if g is not None:
+            (_scale_grad_ if eager else scale_grad_)(g, dloss)
+    if eager and dx_is_input and dx is not None:
+        torch.autograd.graph.increment_version(dx)
 
 
 @scale_grad_.register_fake

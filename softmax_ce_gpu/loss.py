@@ -68,8 +68,7 @@ def _batch_shape(logits):
     return (logits.shape[0],) + tuple(logits.shape[2:])
 
 
-def _forward(x, t, weight, opts, grad_into, loss_dtype, fn, with_stats=False, target_grad=False,
-             run=None):
+def _forward(x, t, weight, opts, grad_into, loss_dtype, fn, with_stats=False, target_grad=False):
     """(loss, stats, scale, grad, dtarget) of 2-D inputs: the reduced loss (of loss_dtype),
     the per-row stats ((4, N): loss, max, log d, S; (7, N) with_stats: then lse, entropy,
     correct), the reduction's (3,) [grad_scale, denominator, ok], the fused gradient and,
@@ -79,9 +78,9 @@ def _forward(x, t, weight, opts, grad_into, loss_dtype, fn, with_stats=False, ta
     x), or a tensor to write the gradient into. One op (_ops.cross_entropy_forward*), whose
     launches are the reduction's scale (which also checks the class ids), the loss kernel
     and the reduced loss's sum (not for 'none'); in plain eager mode its implementation
-    (_ops.forward_eager). run: _ops.runner(x) unless given.
+    (_ops.forward_eager).
     """
-    run = run or _ops.runner(x)
+    run = _ops.runner(x)
     if run is _ops.run_eager and not isinstance(grad_into, torch.Tensor):
         loss, stats, scale, grad, dtarget = _ops.forward_eager(
             x, t, weight, opts, loss_dtype, with_stats, fn, grad_into, target_grad)
@@ -359,15 +358,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     logit -inf (vocabulary padding) contributes 0 to the loss, where torch gives NaN.
     """
     fn = "cross_entropy"
-    if size_average is not None or reduce is not None:
-        reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     given_weight = weight
     opts, _, prob, target, weight = _checks.check_cross_entropy(
         fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-    if inplace_backward is not False or return_stats is not False:  # (False: the defaults)
-        _checks.check_bool(fn, "inplace_backward", inplace_backward)
-        _checks.check_bool(fn, "return_stats", return_stats)
-    x, t = (input, target) if input.dim() == 2 else _flatten(input, target, prob)
+    _checks.check_bool(fn, "inplace_backward", inplace_backward)
+    _checks.check_bool(fn, "return_stats", return_stats)
+    x, t = _flatten(input, target, prob)
     plan = _grad_plan(input, target, prob, opts, inplace_backward)
     if plan is not None and plan.inplace:
         _checks.check_inplace(fn, x, (("target", t), ("weight", given_weight)))
