@@ -26,6 +26,7 @@ record per case (entry, mode, reduction, options, ours_us, torch_us, ratio, laun
 import argparse
 import contextlib
 import ctypes
+import inspect
 import json
 import os
 import platform
@@ -56,39 +57,50 @@ class _Stub:
     def __init__(self, counter, effect=None):
         self.counter = counter
         self.effect = effect
+        self.launch = self._launch  # bound once: k[grid] makes no new object
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.counter[0] += 1
-            if self.effect is not None:
-                self.effect(args, kwargs)
-        return launch
+        return self.launch
+
+    def _launch(self, *args, **kwargs):
+        self.counter[0] += 1
+        if self.effect is not None:
+            self.effect(args, kwargs)
 
 
-_ONES = (ctypes.c_float * 3)(1.0, 1.0, 1.0)
+_SCALE_ARRAY = ctypes.c_float * 3
+_ONES = (1.0, 1.0, 1.0)
 
 
 def _write_ids_ok(out):
     # the reduction's scale: a grad_scale and denominator of 1, ids ok, which the host reads
-    # on CPU. Copied into the tensor's memory (no aten op: no launch under the launch counter),
-    # the cheapest write there is (a memmove of 12 bytes, cheaper than a numpy view), so that
-    # the stub adds as little host time as it can to what it stands in for, the device's work.
+    # on CPU. Written into the tensor's memory through ctypes (no aten op: no launch under
+    # the launch counter), the cheapest write there is (cheaper than a numpy view or
+    # ctypes.memmove), so that the stub adds as little host time as it can to what it stands
+    # in for, the device's work.
     # (A meta tensor, tests/test_host_sync.py, holds nothing to write or read.)
     if out.is_cpu:
-        if out.numel() != 3 or out.element_size() != 4:  # (3,) fp32, fresh: contiguous
+        if out.nbytes != 12:  # (3,) fp32, fresh: contiguous
             raise AssertionError(f"overhead stub: unexpected scale tensor {out.shape} {out.dtype}")
-        ctypes.memmove(out.data_ptr(), _ONES, 12)
+        _SCALE_ARRAY.from_address(out.data_ptr())[:] = _ONES
 
 
-def _ids_ok(args, kwargs):
-    _write_ids_ok(args[2])  # _loss_scale_kernel's scale_ptr
+def _ids_ok(names):
+    def effect(args, kwargs):
+        _write_ids_ok(args[2])  # _loss_scale_kernel's scale_ptr
+    return effect
 
 
-def _own_scale_ids_ok(args, kwargs):
-    if kwargs.get("OWN_SCALE"):  # the loss launch makes the scale (few rows)
-        _write_ids_ok(args[5])  # _cross_entropy_fwd_kernel's grad_scale_ptr
+def _own_scale_ids_ok(names):
+    at, scale_at = names.index("OWN_SCALE"), names.index("grad_scale_ptr")
+
+    def effect(args, kwargs):
+        if args[at] if len(args) > at else kwargs.get("OWN_SCALE"):  # the loss launch makes
+            _write_ids_ok(args[scale_at])                            # the scale (few rows)
+    return effect
 
 
+# kernel name -> the effect of its stub, made from the kernel's parameter names
 _EFFECTS = {"_loss_scale_kernel": _ids_ok, "_cross_entropy_fwd_kernel": _own_scale_ids_ok}
 
 
@@ -107,7 +119,9 @@ def stubbed_kernels(counter):
             if type(value).__name__ in ("JITFunction", "InterpretedFunction") and \
                     name.endswith("_kernel"):
                 saved.append((mod, name, value))
-                setattr(mod, name, _Stub(counter, _EFFECTS.get(name)))
+                make = _EFFECTS.get(name)
+                names = list(inspect.signature(value.fn).parameters)
+                setattr(mod, name, _Stub(counter, make and make(names)))
     try:
         yield
     finally:

@@ -50,7 +50,7 @@ else:
             return max(1, _sm_count(index) // 2)
         return None  # the interpreter: the single path's exchange runs as two launches
 
-    def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss,
+    def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
                           softcap, grad=None, grad_scale=None, stats=None, with_stats=False,
                           dtarget=None, own_scale=None):
         """The forward launcher (kernels/cross_entropy.py's contract). With ``grad`` (the
@@ -71,10 +71,8 @@ else:
                     logits, target, weight, ignore_index=ignore_index,
                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, grad=grad,
                     grad_scale=grad_scale, stats=stats)
-        return _two_sweep_fwd(logits, target, weight, ignore_index=ignore_index,
-                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                              grad=grad, grad_scale=grad_scale, stats=stats,
-                              with_stats=with_stats, dtarget=dtarget, own_scale=own_scale)
+        return _two_sweep_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                              softcap, grad, grad_scale, stats, with_stats, dtarget, own_scale)
 
     __all__ = ["INTERPRETER", "cross_entropy_fwd", "cross_entropy_single_fwd",
                "cross_entropy_bwd", "scale_grad", "loss_scale", "loss_reduce", "softmax_fwd",

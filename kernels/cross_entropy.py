@@ -580,11 +580,18 @@ def _target_strides(target):
 
 
 # The constexprs of a launch (the option flags, BLOCK_V, num_warps, ...) depend on a few
-# booleans and the row's length only: built once per such key and kept (a launch then
-# costs one dict lookup instead of a dozen small calls: softmax-ce-bench overhead). Not
-# while tuning.use_row_config overrides the table (bench/sweep.py), which they would hide.
-_META = {}
-_SCALE_META = {}  # the same for scale_grad's launches, per (V, element size)
+# booleans and the row's length only: built once per such key and kept, as the values in the
+# kernel's parameter order (the names below), passed positionally with num_warps the only
+# keyword. A launch then costs one dict lookup instead of a dozen small calls, and hands the
+# launch machinery no dict of a dozen keywords to copy (softmax-ce-bench overhead). Not
+# kept while tuning.use_row_config overrides the table (bench/sweep.py), which they would
+# hide. tests/test_cross_entropy.py checks the names against the kernels' signatures.
+FWD_CONSTEXPRS = ("HAS_WEIGHT", "PROB_TARGET", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP",
+                  "FUSE_GRAD", "BLOCK_V", "STATS", "TARGET_GRAD", "OWN_SCALE", "MEAN",
+                  "SCALE_BLOCK")
+BWD_CONSTEXPRS = ("HAS_WEIGHT", "PROB_TARGET", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP",
+                  "BLOCK_V", "WRITE_X", "TARGET_GRAD")
+_META = {}  # launch key -> (constexpr values in the kernel's order, num_warps)
 _ROW_OVERRIDES = tuning._row_overrides  # use_row_config's stack (one list, never rebound)
 
 # own_scale (the host asks for it for few rows, softmax_ce_gpu/_ops.py): each program of the
@@ -594,33 +601,32 @@ _ROW_OVERRIDES = tuning._row_overrides  # use_row_config's stack (one list, neve
 OWN_SCALE_BLOCK = 256
 
 
-def _launch_meta(kind, logits, target, weight, label_smoothing, z_loss, softcap, target_grad,
-                 with_stats=False, fuse=False, own_scale=None):
-    """The constexpr keyword arguments of a forward ("fwd") or backward ("bwd") launch."""
-    V, element_size = logits.shape[1], logits.element_size()
-    key = (kind, V, element_size, weight is not None, target.is_floating_point(),
-           label_smoothing > 0.0, z_loss > 0.0, softcap is not None, target_grad, with_stats,
-           fuse, own_scale)
+def _launch_meta(key, target, weight, label_smoothing, z_loss, softcap):
+    """(constexpr values, num_warps) of a forward ("fwd") or backward ("bwd") launch, for
+    key = (kind, V, element_size, target is probabilities, weight given, label_smoothing > 0,
+    z_loss > 0, softcap given, target_grad, with_stats, fuse, own_scale); made on a miss."""
     meta = _META.get(key)
     if meta is None or _ROW_OVERRIDES:  # (tuning.row_config_overridden(), without a call)
+        kind, V, element_size, _, _, _, _, _, target_grad, with_stats, fuse, own_scale = key
         flags = _flags(target, weight, label_smoothing, z_loss, softcap)
         heavy = any(flags.values()) or target_grad
         if kind == "fwd":
             block, num_warps = tuning.row_config(V, element_size, heavy, with_stats)
-            meta = dict(FUSE_GRAD=fuse, BLOCK_V=block, num_warps=num_warps, STATS=with_stats,
-                        TARGET_GRAD=target_grad, **flags)
-            if own_scale is not None:
-                meta.update(OWN_SCALE=True, MEAN=own_scale, SCALE_BLOCK=OWN_SCALE_BLOCK)
+            named = dict(flags, FUSE_GRAD=fuse, BLOCK_V=block, STATS=with_stats,
+                         TARGET_GRAD=target_grad, OWN_SCALE=own_scale is not None,
+                         MEAN=bool(own_scale), SCALE_BLOCK=OWN_SCALE_BLOCK)
+            names = FWD_CONSTEXPRS
         else:
             block, num_warps = tuning.row_config(V, element_size, heavy)
-            meta = dict(BLOCK_V=block, num_warps=num_warps, WRITE_X=fuse,
-                        TARGET_GRAD=target_grad, **flags)
+            named = dict(flags, BLOCK_V=block, WRITE_X=fuse, TARGET_GRAD=target_grad)
+            names = BWD_CONSTEXPRS
+        meta = tuple(named[n] for n in names), num_warps
         if not _ROW_OVERRIDES:
             _META[key] = meta
     return meta
 
 
-def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                       grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None,
                       own_scale=None):
     """Per-row loss, max, log d and S of 2-D logits; with ``grad``, also the fused gradient.
@@ -641,8 +647,12 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
 
     Returns the (4, N) ((7, N)) fp32 stats whose rows are the per-row loss, max, log d and S
     (then lse, entropy, correct).
+
+    Every argument may be given by position (the host's own call does: keywords cost host
+    time on every call); the reference backend's cross_entropy_fwd takes them in the same order.
     """
     N, V = logits.shape
+    prob = target.is_floating_point()
     if stats is None:  # one allocation for all the per-row outputs
         stats = logits.new_empty(7 if with_stats else 4, N, dtype=torch.float32)
         stride_stats = N
@@ -653,10 +663,15 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
         grad = logits  # not written: FUSE_GRAD=False
     if grad_scale is None:
         grad_scale = stats  # not read
-    meta = _launch_meta("fwd", logits, target, weight, label_smoothing, z_loss, softcap,
-                        dtarget is not None, with_stats, fuse, own_scale)
+    consts, num_warps = _launch_meta(
+        ("fwd", V, logits.element_size(), prob, weight is not None, label_smoothing > 0.0,
+         z_loss > 0.0, softcap is not None, dtarget is not None, with_stats, fuse, own_scale),
+        target, weight, label_smoothing, z_loss, softcap)
     stride_x_row, stride_x_col = logits.stride()
-    stride_t_row, stride_t_col = _target_strides(target)
+    if prob:
+        stride_t_row, stride_t_col = target.stride()
+    else:
+        stride_t_row, stride_t_col = target.stride(0), 0
     stride_g_row, stride_g_col = grad.stride() if fuse else (0, 0)
     if dtarget is None:  # not written: TARGET_GRAD=False
         dtarget, stride_dt_row, stride_dt_col = logits, 0, 0
@@ -667,7 +682,8 @@ def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, 
         stride_x_row, stride_x_col, stride_t_row, stride_t_col,
         stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stride_stats,
         V, N,
-        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap), **meta,
+        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap), *consts,
+        num_warps=num_warps,
     )
     return stats
 
@@ -685,9 +701,12 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
     N, V = logits.shape
     target_grad = dtarget is not None
     write_x = grad is not None
-    meta = _launch_meta("bwd", logits, target, weight, label_smoothing, z_loss, softcap,
-                        target_grad, False, write_x)
-    stride_t_row, stride_t_col = _target_strides(target)
+    prob = target.is_floating_point()
+    consts, num_warps = _launch_meta(
+        ("bwd", V, logits.element_size(), prob, weight is not None, label_smoothing > 0.0,
+         z_loss > 0.0, softcap is not None, target_grad, False, write_x, None),
+        target, weight, label_smoothing, z_loss, softcap)
+    stride_t_row, stride_t_col = target.stride() if prob else (target.stride(0), 0)
     stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
     g = grad if write_x else logits  # not written without WRITE_X
     dt = dtarget if target_grad else logits  # not written without TARGET_GRAD
@@ -700,7 +719,8 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
         stride_g_row, stride_g_col, stride_dt_row, stride_dt_col, stride_dloss,
         stats.stride(0),
         V,
-        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap), **meta,
+        ignore_index, float(label_smoothing), float(z_loss), softcap_scalar(softcap), *consts,
+        num_warps=num_warps,
     )
     return grad
 
@@ -711,13 +731,12 @@ def scale_grad(grad, dloss):
     Preconditions: grad (N, V) fp32/bf16/fp16 with N >= 1, any strides; dloss () on its device.
     """
     N, V = grad.shape
-    key = (V, grad.element_size())
-    meta = _SCALE_META.get(key)
+    key = ("scale", V, grad.element_size())
+    meta = _META.get(key)
     if meta is None or _ROW_OVERRIDES:
-        block, num_warps = tuning.row_config(*key)
-        meta = dict(BLOCK_V=block, num_warps=num_warps)
+        meta = tuning.row_config(V, key[2])  # (BLOCK_V, num_warps)
         if not _ROW_OVERRIDES:
-            _SCALE_META[key] = meta
+            _META[key] = meta
     stride_row, stride_col = grad.stride()
-    _scale_grad_kernel[(N,)](grad, dloss, stride_row, stride_col, V, **meta)
+    _scale_grad_kernel[(N,)](grad, dloss, stride_row, stride_col, V, meta[0], num_warps=meta[1])
     return grad

@@ -117,7 +117,7 @@ def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32
         scale if prob else target, weight if weight is not None else scale, scale,
         0 if prob else target.stride(0),
         target.shape[0], V, ignore_index,
-        MEAN=mean, PROB_TARGET=prob, HAS_WEIGHT=weight is not None, BLOCK=_BLOCK,
+        mean, prob, weight is not None, _BLOCK,  # MEAN, PROB_TARGET, HAS_WEIGHT, BLOCK
         num_warps=4,
     )
     return scale
@@ -128,6 +128,6 @@ def loss_reduce(loss_rows, scale, *, mean, dtype):
     scale[1] when ``mean``. loss_rows: (N,) fp32, contiguous, or the (k, N) contiguous stats
     of a loss launch, whose row 0 they are (passed whole: no view to make)."""
     out = loss_rows.new_empty((), dtype=dtype)
-    _loss_reduce_kernel[(1,)](loss_rows, scale, out, loss_rows.shape[-1], MEAN=mean,
-                              BLOCK=_BLOCK, num_warps=4)
+    _loss_reduce_kernel[(1,)](loss_rows, scale, out, loss_rows.shape[-1], mean, _BLOCK,
+                              num_warps=4)  # (MEAN, BLOCK)
     return out

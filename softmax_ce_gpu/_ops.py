@@ -118,10 +118,9 @@ def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z
         if not prob:
             _check_ids(scale, fn, target, V, ignore_index)
     if N:
-        stats = backend.cross_entropy_fwd(
-            logits, target, weight, grad=grad, grad_scale=scale, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            with_stats=with_stats, dtarget=dtarget, own_scale=mean if own else None)
+        stats = backend.cross_entropy_fwd(  # (positional: keywords cost host time)
+            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, grad, scale,
+            None, with_stats, dtarget, mean if own else None)
         if own and not prob:
             _check_ids(scale, fn, target, V, ignore_index)
     else:

@@ -131,7 +131,7 @@ def _write_grads(grad, dtarget, z, dz, y, valid, m, logd, S, z_loss, scale, targ
         grad.copy_(g)
 
 
-def cross_entropy_fwd(logits, target, weight, *, ignore_index, label_smoothing, z_loss, softcap,
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                       grad=None, grad_scale=None, stats=None, with_stats=False, dtarget=None,
                       own_scale=None):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_fwd."""

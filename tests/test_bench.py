@@ -4,6 +4,7 @@ Speed is never asserted here; these tests check that the harness measures honest
 a provider that is missing is skipped, a wrong one is marked and not timed.
 """
 
+import inspect
 import json
 import sys
 import types
@@ -310,12 +311,15 @@ def test_sweep_covers_both_fused_paths(monkeypatch):
     single = kernels.cross_entropy_single_fwd
     fwd_kernel = ce_kernels._cross_entropy_fwd_kernel
 
+    names = list(inspect.signature(fwd_kernel.fn).parameters)
+
     class SpyKernel:  # what the two-sweep forward launches, configuration included
         def __getitem__(self, grid):
-            def launch(*args, **meta):
+            def launch(*args, **options):
+                meta = dict(zip(names, args), **options)
                 if meta["FUSE_GRAD"]:
                     seen.append(("two-sweep", meta["BLOCK_V"], meta["num_warps"]))
-                return fwd_kernel[grid](*args, **meta)
+                return fwd_kernel[grid](*args, **options)
             return launch
 
     def spy_single(*a, **k):

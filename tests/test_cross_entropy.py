@@ -132,6 +132,66 @@ def test_reduction_scale_made_in_the_loss_launch_or_before_it(monkeypatch, own_s
         sc.cross_entropy(x.clone().requires_grad_(), t, reduction=reduction)
 
 
+def test_launchers_pass_each_constexpr_in_its_place(monkeypatch):
+    """The launchers pass the kernels' constexprs by position (keywords cost host time per
+    launch), from the name lists of kernels/cross_entropy.py: those must be the kernels' last
+    parameters in their order, and each launch must bind the flags its options ask for (a
+    swapped position would compile a kernel for other options without an error)."""
+    import inspect
+
+    from softmax_ce_gpu.kernels import cross_entropy as ce_kernels, reduction as red_kernels
+
+    cases = ((ce_kernels._cross_entropy_fwd_kernel, ce_kernels.FWD_CONSTEXPRS),
+             (ce_kernels._cross_entropy_bwd_kernel, ce_kernels.BWD_CONSTEXPRS),
+             (ce_kernels._scale_grad_kernel, ("BLOCK_V",)),
+             (red_kernels._loss_scale_kernel, ("MEAN", "PROB_TARGET", "HAS_WEIGHT", "BLOCK")),
+             (red_kernels._loss_reduce_kernel, ("MEAN", "BLOCK")))
+    bound = {}
+    for kernel, names in cases:
+        params = inspect.signature(kernel.fn).parameters
+        constexprs = tuple(n for n, p in params.items() if "constexpr" in str(p.annotation))
+        assert constexprs == tuple(params)[-len(names):] == names, kernel.fn.__name__
+
+        class Spy:  # records the arguments of each launch by parameter name, then launches
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                def launch(*args, **options):
+                    sig = inspect.signature(self.kernel.fn)
+                    bound[self.kernel.fn.__name__] = sig.bind(*args).arguments
+                    return self.kernel[grid](*args, **options)
+                return launch
+
+        module = ce_kernels if kernel.fn.__module__.endswith("cross_entropy") else red_kernels
+        monkeypatch.setattr(module, kernel.fn.__name__, Spy(kernel))
+
+    x = torch.randn(3, 50, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 50, (3,), device=DEVICE)
+    w = torch.rand(50, device=DEVICE)
+    for kw, flags in ((dict(label_smoothing=0.1), ("HAS_SMOOTHING",)),
+                      (dict(z_loss=1e-3), ("HAS_Z_LOSS",)),
+                      (dict(softcap=3.0, weight=w), ("HAS_SOFTCAP", "HAS_WEIGHT"))):
+        for reduction in ("mean", "none"):
+            bound.clear()
+            sc.cross_entropy(x, t, reduction=reduction, **kw).sum().backward()
+            kernel = "_cross_entropy_fwd_kernel" if reduction == "mean" else \
+                "_cross_entropy_bwd_kernel"
+            for name in ("HAS_WEIGHT", "PROB_TARGET", "HAS_SMOOTHING", "HAS_Z_LOSS",
+                         "HAS_SOFTCAP"):
+                assert bound[kernel][name] is (name in flags), (kernel, name, kw)
+            if reduction == "mean":
+                assert bound[kernel]["FUSE_GRAD"] is True
+                assert bound["_loss_reduce_kernel"]["MEAN"] is True
+                assert bound["_scale_grad_kernel"]["BLOCK_V"] >= 64
+            else:
+                assert bound[kernel]["WRITE_X"] is True
+    x.grad = None
+    sc.cross_entropy(x[:2], t[:2], reduction="sum").backward()  # the scale made in the launch
+    assert bound["_cross_entropy_fwd_kernel"]["OWN_SCALE"] is True
+    assert bound["_cross_entropy_fwd_kernel"]["MEAN"] is False
+
+
 @pytest.mark.usefixtures("fused_path")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -16,7 +16,7 @@ evidence for it is in test_inspect.py, the byte count in test_bytes.py.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from conftest import DEVICE, two_sweep_grad_position
 from helpers import DTYPES, TOL, assert_close, poisoned, rel_err
 from test_cross_entropy import check, make_case, reference
 
@@ -38,10 +38,12 @@ def single(monkeypatch):
         calls.append(tuple(logits.shape))
         return launcher(logits, *args, **kw)
 
-    def spy_two_sweep(logits, *args, grad=None, **kw):
-        if grad is not None:
-            fallbacks.append(tuple(logits.shape))
-        return two_sweep(logits, *args, grad=grad, **kw)
+    at = two_sweep_grad_position()
+
+    def spy_two_sweep(*args):
+        if args[at] is not None:
+            fallbacks.append(tuple(args[0].shape))
+        return two_sweep(*args)
 
     monkeypatch.setattr(kernels, "cross_entropy_single_fwd", spy_single)
     monkeypatch.setattr(kernels, "_two_sweep_fwd", spy_two_sweep)
