@@ -604,25 +604,25 @@ OWN_SCALE_BLOCK = 256
 def _launch_meta(key, target, weight, label_smoothing, z_loss, softcap):
     """(constexpr values, num_warps) of a forward ("fwd") or backward ("bwd") launch, for
     key = (kind, V, element_size, target is probabilities, weight given, label_smoothing > 0,
-    z_loss > 0, softcap given, target_grad, with_stats, fuse, own_scale); made on a miss."""
-    meta = _META.get(key)
-    if meta is None or _ROW_OVERRIDES:  # (tuning.row_config_overridden(), without a call)
-        kind, V, element_size, _, _, _, _, _, target_grad, with_stats, fuse, own_scale = key
-        flags = _flags(target, weight, label_smoothing, z_loss, softcap)
-        heavy = any(flags.values()) or target_grad
-        if kind == "fwd":
-            block, num_warps = tuning.row_config(V, element_size, heavy, with_stats)
-            named = dict(flags, FUSE_GRAD=fuse, BLOCK_V=block, STATS=with_stats,
-                         TARGET_GRAD=target_grad, OWN_SCALE=own_scale is not None,
-                         MEAN=bool(own_scale), SCALE_BLOCK=OWN_SCALE_BLOCK)
-            names = FWD_CONSTEXPRS
-        else:
-            block, num_warps = tuning.row_config(V, element_size, heavy)
-            named = dict(flags, BLOCK_V=block, WRITE_X=fuse, TARGET_GRAD=target_grad)
-            names = BWD_CONSTEXPRS
-        meta = tuple(named[n] for n in names), num_warps
-        if not _ROW_OVERRIDES:
-            _META[key] = meta
+    z_loss > 0, softcap given, target_grad, with_stats, fuse, own_scale); the launchers look
+    it up in _META themselves and call this on a miss, or while use_row_config is in force
+    (tuning.row_config_overridden(): _ROW_OVERRIDES not empty)."""
+    kind, V, element_size, _, _, _, _, _, target_grad, with_stats, fuse, own_scale = key
+    flags = _flags(target, weight, label_smoothing, z_loss, softcap)
+    heavy = any(flags.values()) or target_grad
+    if kind == "fwd":
+        block, num_warps = tuning.row_config(V, element_size, heavy, with_stats)
+        named = dict(flags, FUSE_GRAD=fuse, BLOCK_V=block, STATS=with_stats,
+                     TARGET_GRAD=target_grad, OWN_SCALE=own_scale is not None,
+                     MEAN=bool(own_scale), SCALE_BLOCK=OWN_SCALE_BLOCK)
+        names = FWD_CONSTEXPRS
+    else:
+        block, num_warps = tuning.row_config(V, element_size, heavy)
+        named = dict(flags, BLOCK_V=block, WRITE_X=fuse, TARGET_GRAD=target_grad)
+        names = BWD_CONSTEXPRS
+    meta = tuple(named[n] for n in names), num_warps
+    if not _ROW_OVERRIDES:
+        _META[key] = meta
     return meta
 
 
@@ -663,10 +663,12 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_l
         grad = logits  # not written: FUSE_GRAD=False
     if grad_scale is None:
         grad_scale = stats  # not read
-    consts, num_warps = _launch_meta(
-        ("fwd", V, logits.element_size(), prob, weight is not None, label_smoothing > 0.0,
-         z_loss > 0.0, softcap is not None, dtarget is not None, with_stats, fuse, own_scale),
-        target, weight, label_smoothing, z_loss, softcap)
+    key = ("fwd", V, logits.element_size(), prob, weight is not None, label_smoothing > 0.0,
+           z_loss > 0.0, softcap is not None, dtarget is not None, with_stats, fuse, own_scale)
+    meta = _META.get(key)
+    if meta is None or _ROW_OVERRIDES:
+        meta = _launch_meta(key, target, weight, label_smoothing, z_loss, softcap)
+    consts, num_warps = meta
     stride_x_row, stride_x_col = logits.stride()
     if prob:
         stride_t_row, stride_t_col = target.stride()
@@ -702,10 +704,12 @@ def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
     target_grad = dtarget is not None
     write_x = grad is not None
     prob = target.is_floating_point()
-    consts, num_warps = _launch_meta(
-        ("bwd", V, logits.element_size(), prob, weight is not None, label_smoothing > 0.0,
-         z_loss > 0.0, softcap is not None, target_grad, False, write_x, None),
-        target, weight, label_smoothing, z_loss, softcap)
+    key = ("bwd", V, logits.element_size(), prob, weight is not None, label_smoothing > 0.0,
+           z_loss > 0.0, softcap is not None, target_grad, False, write_x, None)
+    meta = _META.get(key)
+    if meta is None or _ROW_OVERRIDES:
+        meta = _launch_meta(key, target, weight, label_smoothing, z_loss, softcap)
+    consts, num_warps = meta
     stride_t_row, stride_t_col = target.stride() if prob else (target.stride(0), 0)
     stride_dloss = dloss.stride(0) if dloss.dim() == 1 else 0
     g = grad if write_x else logits  # not written without WRITE_X

@@ -177,6 +177,8 @@ def requested_fused_path() -> str:
 
 def single_requested() -> bool:
     """Whether the path asked for (requested_fused_path) is the single-pass one."""
+    if not _overrides and _read_fused_path_env() is None:  # nothing asked for: "auto"
+        return AUTO_SINGLE
     path = requested_fused_path()
     return path == "single" or (path == "auto" and AUTO_SINGLE)
 

@@ -89,7 +89,7 @@ def _check_ids(scale, fn, target, V, ignore_index):
 
 
 def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             loss_dtype, with_stats, fn, grad, dtarget, fresh=True):
+             loss_dtype, with_stats, fn, grad, dtarget, fresh=True, backend=None):
     """The forward of a cross-entropy call on (N, V) logits, every launch of it: the
     reduction's scale (which checks the class ids), the loss kernel (writing the fused
     gradient into grad and the probability target's into dtarget, each when not None),
@@ -101,8 +101,10 @@ def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z
     Returns (loss, stats, scale): the loss of loss_dtype, the per-row stats ((4, N): loss,
     max, log d, S; (7, N) with_stats: then lse, entropy, correct) and loss_scale's (3,)
     [grad_scale, denominator, ok], which the loss kernels take as their grad_scale.
+    backend: backend_for(fn, logits) when the caller has it already.
     """
-    backend = backend_for(fn, logits)
+    if backend is None:
+        backend = backend_for(fn, logits)
     mean = reduction == "mean"
     prob = target.is_floating_point()
     N, V = logits.shape
@@ -128,7 +130,7 @@ def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z
     if reduction == "none":  # a copy, never a view of the stats saved for backward
         loss = stats[0].to(loss_dtype, copy=True)
     else:
-        loss = backend.loss_reduce(stats, scale, mean=mean, dtype=loss_dtype)  # (row 0)
+        loss = backend.loss_reduce(stats, scale, mean, loss_dtype)  # (row 0; positional)
     return loss, stats, scale
 
 
@@ -146,20 +148,20 @@ def _maybe_like(t, wanted):
 
 
 def forward_eager(logits, target, weight, opts, loss_dtype, with_stats, fn, grad_into,
-                  with_target_grad):
+                  with_target_grad, backend=None):
     """(loss, stats, scale, grad, dtarget) of the forward in plain eager mode (_dispatch.eager),
     what run_eager of cross_entropy_forward or cross_entropy_forward_inplace returns, with
     one call layer less (the host time of a small call is its layers: softmax-ce-bench
     overhead). opts: a LossOptions; grad_into: None (no gradient of the logits), "new" (a
     new tensor) or "logits" (overwritten, their version counter bumped as the op's
-    declared mutation would)."""
+    declared mutation would); backend: backend_for(fn, logits) when the caller has it."""
     if grad_into == "new":
-        grad = _new_like(logits)
+        grad = torch.empty_like(logits, memory_format=_CONTIGUOUS)  # (_new_like, inline)
     else:
         grad = logits if grad_into == "logits" else None
     dtarget = _new_like(target) if with_target_grad else None
     loss, stats, scale = _forward(logits, target, weight, *opts, loss_dtype, with_stats, fn, grad,
-                                  dtarget, fresh=grad is not logits)
+                                  dtarget, grad is not logits, backend)
     if grad is logits:
         torch.autograd.graph.increment_version(logits)
     return loss, stats, scale, grad, dtarget
@@ -338,17 +340,24 @@ def _scale_grad_(grad: Tensor, dloss: Tensor) -> None:
 scale_grad_ = _custom_op("scale_grad_", _scale_grad_, ("grad",))
 
 
-def scale_grads_(dloss, dx, dt, dx_is_input):
+def scale_grads_(dloss, dx, dt, dx_is_input, backend=None):
     """scale_grad_(g, dloss) for each of the fused gradients dx and dt that is not None: in
     plain eager mode by its implementation directly, where the version of dx is bumped only
     when dx_is_input (the logits, overwritten by inplace_backward): a new gradient is not yet
-    seen by anyone but autograd."""
-    eager = _dispatch.eager(dloss)
-    for g in (dx, dt):
-        if g is not None:
-            (_scale_grad_ if eager else scale_grad_)(g, dloss)
-    if eager and dx_is_input and dx is not None:
-        torch.autograd.graph.increment_version(dx)
+    seen by anyone but autograd. backend: the one the forward ran dx's launches on, when
+    known (else backend_for finds it)."""
+    if not _dispatch.eager(dloss):
+        for g in (dx, dt):
+            if g is not None:
+                scale_grad_(g, dloss)
+        return
+    if dx is not None:
+        if dx.numel():
+            (backend or backend_for("cross_entropy", dx)).scale_grad(dx, dloss)
+        if dx_is_input:
+            torch.autograd.graph.increment_version(dx)
+    if dt is not None:
+        _scale_grad_(dt, dloss)
 
 
 @scale_grad_.register_fake
@@ -415,7 +424,7 @@ def _(like, target, weight, V, ignore_index, mean, prob, fn):
 def _loss_reduce(loss_rows: Tensor, scale: Tensor, mean: bool, dtype: torch.dtype) -> Tensor:
     """() of dtype: the sum of the per-row losses (loss_rows (N,), or row 0 of (k, N)
     stats), divided by the denominator scale[1] for 'mean'."""
-    return backend_for("cross_entropy", loss_rows).loss_reduce(loss_rows, scale, mean=mean,
+    return backend_for("cross_entropy", loss_rows).loss_reduce(loss_rows, scale, mean,
                                                                dtype=dtype)
 
 

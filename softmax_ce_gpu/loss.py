@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _autocast, _checks, _dispatch, _ops, reference
+from . import _autocast, _backend, _checks, _dispatch, _ops, reference
 from ._reduction import acc_dtype, no_second_order, take_fused_grad
 
 _SECOND_ORDER_HINT = (
@@ -196,9 +196,11 @@ def _function_forward(x, t, weight, opts, plan, with_stats, fn, loss_dtype):
     return loss, stats, grad if grad_into == "new" else None, dt, scale if late else None
 
 
-def _save(ctx, x, t, weight, opts, plan, fn, stats, grad, dt, grad_scale):
-    """What backward needs, on ctx (both Functions below)."""
-    ctx.opts, ctx.plan, ctx.fn, ctx.consumed = opts, plan, fn, False
+def _save(ctx, x, t, weight, opts, plan, fn, stats, grad, dt, grad_scale, backend=None):
+    """What backward needs, on ctx (both Functions below); backend: the one that ran the
+    forward's launches, when known (the fused backward's scaling then runs there without
+    looking it up)."""
+    ctx.opts, ctx.plan, ctx.fn, ctx.consumed, ctx.backend = opts, plan, fn, False, backend
     if plan is None:
         return
     if plan.path == "fused":
@@ -243,7 +245,7 @@ def _backward(ctx, dloss):
         dx, dt = take_fused_grad(ctx, ctx.fn)
         if second_order:  # the logits are gone: a gradient that cannot be differentiated
             return no_second_order(ctx.fn, _SECOND_ORDER_HINT, dloss, dx, dt)
-        _ops.scale_grads_(dloss, dx, dt, plan.inplace)
+        _ops.scale_grads_(dloss, dx, dt, plan.inplace, ctx.backend)
         return dx, dt
     run = _ops.runner(dloss)
     x, t, weight, stats, grad_scale = ctx.saved_tensors
@@ -264,26 +266,29 @@ def _backward(ctx, dloss):
 
 class _EagerCrossEntropyFunction(torch.autograd.Function):
     """_CrossEntropyFunction for plain eager mode (_dispatch.eager): the same forward and
-    backward, with the loss as its only output and the non-tensor arguments in one tuple
-    (call: opts, plan, with_stats, fn, loss_dtype); the per-row stats reach the caller
-    through ``box`` (a list; None when they are not asked for). Each further input or
-    output of a Function costs autograd microseconds per call, against a few tens for a
-    whole small call (softmax-ce-bench overhead)."""
+    backward, with the loss as its only output, the tensors that may need a gradient (logits,
+    target) as its only inputs and everything else in one tuple (call: weight, opts, plan,
+    with_stats, fn, loss_dtype, box); the per-row stats reach the caller through ``box`` (a
+    list; None when they are not asked for). Each further input or output of a Function
+    costs autograd host time on every call, against a few tens of microseconds for a whole
+    small call (softmax-ce-bench overhead). The weight never needs one (check_weight)."""
 
     @staticmethod
-    def forward(ctx, x, t, weight, call, box):
-        opts, plan, with_stats, fn, loss_dtype = call
+    def forward(ctx, x, t, call):
+        weight, opts, plan, with_stats, fn, loss_dtype, box = call
         grad_into, fused_t = (None, False) if plan is None else (plan.grad_into, plan.fused_t)
+        backend = _backend.backend_for(fn, x)
         loss, stats, scale, grad, dt = _ops.forward_eager(x, t, weight, opts, loss_dtype,
-                                                          with_stats, fn, grad_into, fused_t)
-        _save(ctx, x, t, weight, opts, plan, fn, stats, grad, dt, scale)
+                                                          with_stats, fn, grad_into, fused_t,
+                                                          backend)
+        _save(ctx, x, t, weight, opts, plan, fn, stats, grad, dt, scale, backend)
         if box is not None:
             box.append(stats)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        return (*_backward(ctx, dloss), None, None, None)
+        return (*_backward(ctx, dloss), None)
 
 
 _EAGER_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, _EagerCrossEntropyFunction)
@@ -370,9 +375,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         _checks.check_inplace(fn, x, (("target", t), ("weight", given_weight)))
     loss_dtype = _autocast.loss_dtype(input)
     if _dispatch.eager(x):
-        box = [] if return_stats else None
-        loss = _EAGER_APPLY(x, t, weight, (opts, plan, return_stats, fn, loss_dtype), box)
-        stats = box[0] if return_stats else None
+        if plan is None:  # no gradient can be taken: the forward alone, without autograd
+            loss, stats = _ops.forward_eager(x, t, weight, opts, loss_dtype, return_stats, fn,
+                                             None, False)[:2]
+        else:
+            box = [] if return_stats else None
+            loss = _EAGER_APPLY(x, t, (weight, opts, plan, return_stats, fn, loss_dtype, box))
+            stats = box[0] if return_stats else None
     else:
         loss, stats = _CrossEntropyFunction.apply(x, t, weight, opts, prob, plan, return_stats,
                                                   fn, loss_dtype)[:2]

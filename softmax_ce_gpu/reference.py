@@ -201,7 +201,7 @@ def loss_scale(target, weight, *, ignore_index, mean, prob, V, acc=torch.float32
     return torch.stack([grad_scale, denom, ok])
 
 
-def loss_reduce(loss_rows, scale, *, mean, dtype):
+def loss_reduce(loss_rows, scale, mean, dtype):
     """Same contract as softmax_ce_gpu.kernels.reduction.loss_reduce."""
     total = (loss_rows[0] if loss_rows.dim() == 2 else loss_rows).sum()
     return (total / scale[1] if mean else total).to(dtype)
