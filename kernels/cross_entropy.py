@@ -690,8 +690,8 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_l
     return stats
 
 
-def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
-                      ignore_index, label_smoothing, z_loss, softcap, dtarget=None):
+def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index,
+                      label_smoothing, z_loss, softcap, dtarget=None):
     """Write grad = dloss * grad_scale * dl/dx from the forward's saved rows.
 
     Preconditions: as cross_entropy_fwd; stats the (4, N) fp32 tensor it returned (or a view

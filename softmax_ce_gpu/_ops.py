@@ -262,25 +262,26 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, 
 
 
 def _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, label_smoothing,
-         z_loss, softcap, dtarget=None):
+         z_loss, softcap, dtarget=None, backend=None):
     if logits.shape[0]:
-        backend_for("cross_entropy", logits).cross_entropy_bwd(
-            logits, target, weight, stats, dloss, grad_scale, grad,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, dtarget=dtarget)
+        # (positional, as in _forward)
+        (backend or backend_for("cross_entropy", logits)).cross_entropy_bwd(
+            logits, target, weight, stats, dloss, grad_scale, grad, ignore_index,
+            label_smoothing, z_loss, softcap, dtarget)
 
 
 def backward_eager(logits, target, weight, stats, dloss, grad_scale, ignore_index,
-                   label_smoothing, z_loss, softcap, inplace, with_grad, with_target_grad):
+                   label_smoothing, z_loss, softcap, inplace, with_grad, with_target_grad,
+                   backend=None):
     """(grad, dtarget) of the late backward in plain eager mode (_dispatch.eager), what
     run_eager of cross_entropy_bwd or cross_entropy_bwd_inplace makes, without the op
     layer and with None (no allocation) for a gradient not asked for. inplace: the logits
     are overwritten by their gradient (their version counter bumped, as the op's declared
-    mutation would)."""
+    mutation would); backend: the forward's, when known."""
     grad = logits if inplace else (_new_like(logits) if with_grad else None)
     dtarget = _new_like(target) if with_target_grad else None
     _bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index, label_smoothing,
-         z_loss, softcap, dtarget)
+         z_loss, softcap, dtarget, backend)
     if inplace:
         torch.autograd.graph.increment_version(logits)
     return grad, dtarget

@@ -255,7 +255,7 @@ def _backward(ctx, dloss):
     args = (x, t, weight, stats, dloss, grad_scale, o.ignore_index, o.label_smoothing,
             o.z_loss, o.softcap)
     if run is _ops.run_eager:  # the op's implementation, without its layer
-        dx, dt = _ops.backward_eager(*args, plan.inplace, plan.need_x, plan.need_t)
+        dx, dt = _ops.backward_eager(*args, plan.inplace, plan.need_x, plan.need_t, ctx.backend)
     elif plan.inplace:
         dt = run(_ops.cross_entropy_bwd_inplace, *args, plan.need_t)
         dx = x
@@ -385,7 +385,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     else:
         loss, stats = _CrossEntropyFunction.apply(x, t, weight, opts, prob, plan, return_stats,
                                                   fn, loss_dtype)[:2]
-    if opts.reduction == "none":
+    if opts.reduction == "none" and input.dim() != 2:  # (N,) already for 2-D input
         loss = loss.reshape(_batch_shape(input))
     if not return_stats:
         return loss

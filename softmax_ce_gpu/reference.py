@@ -160,8 +160,8 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_l
     return out if stats is None else stats.copy_(out)
 
 
-def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, *,
-                      ignore_index, label_smoothing, z_loss, softcap, dtarget=None):
+def cross_entropy_bwd(logits, target, weight, stats, dloss, grad_scale, grad, ignore_index,
+                      label_smoothing, z_loss, softcap, dtarget=None):
     """Same contract as softmax_ce_gpu.kernels.cross_entropy_bwd."""
     acc = acc_dtype(logits)
     V = logits.shape[1]
