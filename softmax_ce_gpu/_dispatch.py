@@ -25,6 +25,15 @@ def eager(t):
             and _dispatch_stack_len() == 0 and not _is_wrapped(t))
 
 
+_forward_ad = torch.autograd.forward_ad
+
+
+def no_forward_ad():
+    """Whether no forward-mode AD level is active (torch.autograd.forward_ad.dual_level):
+    outside one no tensor carries a tangent (a torch without the level counter: never)."""
+    return getattr(_forward_ad, "_current_level", 0) < 0
+
+
 def apply(function, *args):
     """function.apply(*args), positional arguments only; in plain eager mode through the
     C++ apply directly (what Function.apply ends in once it has bound the arguments)."""

@@ -375,7 +375,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         _checks.check_inplace(fn, x, (("target", t), ("weight", given_weight)))
     loss_dtype = _autocast.loss_dtype(input)
     if _dispatch.eager(x):
-        if plan is None:  # no gradient can be taken: the forward alone, without autograd
+        if plan is None and _dispatch.no_forward_ad():  # no gradient can be taken, no tangent
+            # carried: the forward alone, without autograd (a dual tensor goes through the
+            # Function, which refuses forward-mode AD loudly instead of dropping its tangent)
             loss, stats = _ops.forward_eager(x, t, weight, opts, loss_dtype, return_stats, fn,
                                              None, False)[:2]
         else:

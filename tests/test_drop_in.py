@@ -7,6 +7,7 @@ kernels through Triton's interpreter (fp32/bf16/fp16) and the pure-PyTorch path 
 or `reference_only`, which runs the same call with the interpreter switched off).
 """
 
+import contextlib
 import inspect
 import warnings
 
@@ -101,6 +102,24 @@ def test_no_gradient_mode_computes_no_gradient_and_writes_nothing(path, ctx, red
     assert loss.grad_fn is None and not loss.requires_grad
     assert torch.equal(logits.detach(), before), "the caller's logits were overwritten"
     assert_close(loss, _torch(x, t, reduction=reduction)[0], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("grad_mode", ["enabled", "no_grad"])
+def test_forward_mode_ad_is_refused_not_dropped(dtype, grad_mode):
+    """A dual input (torch.autograd.forward_ad) that does not require grad takes no gradient,
+    but carries a tangent: the call must refuse forward-mode AD (the autograd Function has
+    no jvp), never return a loss whose tangent was silently dropped (a zero derivative)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = _case(dtype=dtype)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    with fwAD.dual_level(), (torch.no_grad() if grad_mode == "no_grad" else contextlib.nullcontext()):
+        d = fwAD.make_dual(x, v)
+        with pytest.raises(NotImplementedError, match="jvp"):
+            sc.cross_entropy(d, t)
+    # outside a level: the no-autograd forward, and its value
+    assert_close(sc.cross_entropy(x, t), _torch(x, t)[0], dtype)
 
 
 def test_no_grad_launches_no_gradient_kernel(monkeypatch):
